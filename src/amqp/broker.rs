@@ -1,0 +1,640 @@
+//! The broker core: virtual hosts with their exchanges, queues and bindings, and the rules
+//! RabbitMQ applies to declaring, binding, deleting and routing. Wire connections and the
+//! in-process API both call these functions, so both get the same semantics.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use amq_protocol::types::{AMQPValue, FieldTable};
+use parking_lot::RwLock;
+use tokio::sync::watch;
+
+use super::auth::Users;
+use super::consumer::ConnectionId;
+use super::exchange::{Binding, Destination, Exchange, ExchangeKind, ExchangeSpec};
+use super::queue::{Queue, QueueSpec};
+use super::reply::{AmqpError, AmqpResult};
+
+/// Limits and wire defaults the broker enforces (from `[amqp]` in the config).
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub frame_max: u32,
+    pub channel_max: u16,
+    pub heartbeat_secs: u16,
+    pub max_message_size: usize,
+    pub max_connections: usize,
+    pub handshake_timeout: std::time::Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            frame_max: 131_072,
+            channel_max: 2047,
+            heartbeat_secs: 60,
+            max_message_size: 16 * 1024 * 1024,
+            max_connections: 4096,
+            handshake_timeout: std::time::Duration::from_secs(10),
+        }
+    }
+}
+
+/// The whole broker: shared by every connection and the in-process API.
+#[derive(Debug)]
+pub struct Broker {
+    pub limits: Limits,
+    pub users: Users,
+    vhosts: RwLock<HashMap<String, Arc<VHost>>>,
+    next_connection: AtomicU64,
+    /// Open connections (wire and in-process), for the connection limit.
+    pub connections: AtomicUsize,
+    /// True while memory use is above the high watermark: publishers are blocked.
+    memory_alarm: watch::Sender<bool>,
+}
+
+impl Broker {
+    pub fn new(limits: Limits, users: Users, vhosts: &[String]) -> Arc<Broker> {
+        let broker = Broker {
+            limits,
+            users,
+            vhosts: RwLock::new(HashMap::new()),
+            next_connection: AtomicU64::new(1),
+            connections: AtomicUsize::new(0),
+            memory_alarm: watch::channel(false).0,
+        };
+        for name in vhosts {
+            broker.add_vhost(name);
+        }
+        Arc::new(broker)
+    }
+
+    /// Creates a vhost with the predeclared exchanges (a no-op if it exists).
+    pub fn add_vhost(&self, name: &str) -> Arc<VHost> {
+        self.vhosts
+            .write()
+            .entry(name.to_string())
+            .or_insert_with(|| VHost::new(name))
+            .clone()
+    }
+
+    pub fn vhost(&self, name: &str) -> Option<Arc<VHost>> {
+        self.vhosts.read().get(name).cloned()
+    }
+
+    pub fn vhost_names(&self) -> Vec<String> {
+        let mut names: Vec<_> = self.vhosts.read().keys().cloned().collect();
+        names.sort();
+        names
+    }
+
+    pub fn next_connection_id(&self) -> ConnectionId {
+        self.next_connection.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Raises or clears the memory alarm; connections react through [`Broker::memory_alarm`].
+    pub fn set_memory_alarm(&self, on: bool) {
+        self.memory_alarm.send_if_modified(|v| {
+            let changed = *v != on;
+            *v = on;
+            changed
+        });
+    }
+
+    pub fn memory_alarm(&self) -> watch::Receiver<bool> {
+        self.memory_alarm.subscribe()
+    }
+
+    /// Deletes the exclusive queues of a closing connection.
+    pub fn connection_closed(&self, connection: ConnectionId) {
+        let vhosts: Vec<_> = self.vhosts.read().values().cloned().collect();
+        for vhost in vhosts {
+            for q in vhost.queues_owned_by(connection) {
+                let _ = vhost.delete_queue(q.name(), connection, false, false);
+            }
+        }
+    }
+}
+
+/// A virtual host: an isolated namespace of exchanges and queues.
+#[derive(Debug)]
+pub struct VHost {
+    pub name: String,
+    exchanges: RwLock<HashMap<String, Arc<Exchange>>>,
+    queues: RwLock<HashMap<String, Arc<Queue>>>,
+}
+
+/// The exchanges every vhost starts with (RabbitMQ's `declare_default_exchanges`).
+const PREDECLARED: &[(&str, ExchangeKind, bool)] = &[
+    ("", ExchangeKind::Direct, false),
+    ("amq.direct", ExchangeKind::Direct, false),
+    ("amq.fanout", ExchangeKind::Fanout, false),
+    ("amq.topic", ExchangeKind::Topic, false),
+    ("amq.headers", ExchangeKind::Headers, false),
+    ("amq.match", ExchangeKind::Headers, false),
+    ("amq.rabbitmq.trace", ExchangeKind::Topic, true),
+];
+
+fn is_true(v: bool) -> &'static str {
+    if v {
+        "true"
+    } else {
+        "false"
+    }
+}
+
+impl VHost {
+    fn new(name: &str) -> Arc<VHost> {
+        let exchanges = PREDECLARED
+            .iter()
+            .map(|(n, kind, internal)| {
+                (
+                    n.to_string(),
+                    Arc::new(Exchange::new(ExchangeSpec {
+                        name: n.to_string(),
+                        kind: *kind,
+                        durable: true,
+                        auto_delete: false,
+                        internal: *internal,
+                        arguments: FieldTable::default(),
+                    })),
+                )
+            })
+            .collect();
+        Arc::new(VHost {
+            name: name.to_string(),
+            exchanges: RwLock::new(exchanges),
+            queues: RwLock::new(HashMap::new()),
+        })
+    }
+
+    fn no_exchange(&self, name: &str) -> AmqpError {
+        AmqpError::not_found(format!("no exchange '{name}' in vhost '{}'", self.name))
+    }
+
+    fn no_queue(&self, name: &str) -> AmqpError {
+        AmqpError::not_found(format!("no queue '{name}' in vhost '{}'", self.name))
+    }
+
+    fn default_exchange_refused() -> AmqpError {
+        AmqpError::access_refused("operation not permitted on the default exchange")
+    }
+
+    pub fn exchange(&self, name: &str) -> Option<Arc<Exchange>> {
+        self.exchanges.read().get(name).cloned()
+    }
+
+    pub fn exchanges(&self) -> Vec<Arc<Exchange>> {
+        self.exchanges.read().values().cloned().collect()
+    }
+
+    pub fn queue(&self, name: &str) -> Option<Arc<Queue>> {
+        self.queues.read().get(name).cloned()
+    }
+
+    pub fn queues(&self) -> Vec<Arc<Queue>> {
+        self.queues.read().values().cloned().collect()
+    }
+
+    fn queues_owned_by(&self, connection: ConnectionId) -> Vec<Arc<Queue>> {
+        self.queues
+            .read()
+            .values()
+            .filter(|q| q.owner == Some(connection))
+            .cloned()
+            .collect()
+    }
+
+    /// `exchange.declare`.
+    pub fn declare_exchange(&self, spec: ExchangeSpec, passive: bool) -> AmqpResult<()> {
+        if spec.name.is_empty() {
+            return Err(Self::default_exchange_refused());
+        }
+        if passive {
+            return self
+                .exchange(&spec.name)
+                .map(|_| ())
+                .ok_or_else(|| self.no_exchange(&spec.name));
+        }
+        let mut exchanges = self.exchanges.write();
+        if let Some(existing) = exchanges.get(&spec.name) {
+            return check_exchange_equivalence(&existing.spec, &spec, &self.name);
+        }
+        if spec.name.starts_with("amq.") {
+            return Err(AmqpError::access_refused(format!(
+                "exchange name '{}' contains reserved prefix 'amq.*'",
+                spec.name
+            )));
+        }
+        exchanges.insert(spec.name.clone(), Arc::new(Exchange::new(spec)));
+        Ok(())
+    }
+
+    /// `exchange.delete`; deleting a missing exchange succeeds, as in RabbitMQ.
+    pub fn delete_exchange(&self, name: &str, if_unused: bool) -> AmqpResult<()> {
+        if name.is_empty() {
+            return Err(Self::default_exchange_refused());
+        }
+        if name.starts_with("amq.") {
+            return Err(AmqpError::access_refused(format!(
+                "deletion of system exchange '{name}' in vhost '{}' not allowed",
+                self.name
+            )));
+        }
+        let removed = {
+            let mut exchanges = self.exchanges.write();
+            match exchanges.get(name) {
+                None => return Ok(()),
+                Some(x) if if_unused && x.has_bindings() => {
+                    return Err(AmqpError::precondition(format!(
+                        "exchange '{name}' in vhost '{}' in use",
+                        self.name
+                    )))
+                }
+                Some(_) => exchanges.remove(name),
+            }
+        };
+        if removed.is_some() {
+            self.remove_destination(&Destination::Exchange(name.into()));
+        }
+        Ok(())
+    }
+
+    /// Removes every binding to a deleted queue or exchange, then auto-deletes exchanges
+    /// that lost their last binding.
+    fn remove_destination(&self, destination: &Destination) {
+        let exchanges = self.exchanges();
+        let mut emptied = Vec::new();
+        for x in exchanges {
+            let had = x.has_bindings();
+            x.unbind_destination(destination);
+            if had && !x.has_bindings() && x.spec.auto_delete {
+                emptied.push(x.spec.name.clone());
+            }
+        }
+        for name in emptied {
+            let _ = self.delete_exchange(&name, true);
+        }
+    }
+
+    /// `queue.declare` for a named queue; returns the queue and whether it was created.
+    pub fn declare_queue(
+        &self,
+        spec: QueueSpec,
+        passive: bool,
+        connection: ConnectionId,
+    ) -> AmqpResult<(Arc<Queue>, bool)> {
+        if passive {
+            let q = self
+                .queue(&spec.name)
+                .ok_or_else(|| self.no_queue(&spec.name))?;
+            q.check_access(connection)?;
+            return Ok((q, false));
+        }
+        let mut queues = self.queues.write();
+        if let Some(existing) = queues.get(&spec.name) {
+            existing.check_access(connection)?;
+            check_queue_equivalence(&existing.spec, &spec, &self.name)?;
+            return Ok((existing.clone(), false));
+        }
+        if spec.name.starts_with("amq.") && !spec.name.starts_with("amq.gen-") {
+            return Err(AmqpError::access_refused(format!(
+                "queue name '{}' contains reserved prefix 'amq.*'",
+                spec.name
+            )));
+        }
+        Queue::validate_arguments(&spec.arguments)?;
+        let owner = spec.exclusive.then_some(connection);
+        let q = Queue::new(spec, self.name.clone(), owner);
+        queues.insert(q.name().to_string(), q.clone());
+        Ok((q, true))
+    }
+
+    /// Finds a queue the connection may use (404 if missing, 405 if another's exclusive).
+    pub fn usable_queue(&self, name: &str, connection: ConnectionId) -> AmqpResult<Arc<Queue>> {
+        let q = self.queue(name).ok_or_else(|| self.no_queue(name))?;
+        q.check_access(connection)?;
+        Ok(q)
+    }
+
+    /// `queue.delete`: returns the number of ready messages it held (0 if it did not exist).
+    pub fn delete_queue(
+        &self,
+        name: &str,
+        connection: ConnectionId,
+        if_unused: bool,
+        if_empty: bool,
+    ) -> AmqpResult<u32> {
+        let Some(q) = self.queue(name) else {
+            return Ok(0);
+        };
+        q.check_access(connection)?;
+        let (count, consumers) = q.delete(if_unused, if_empty)?;
+        {
+            let mut queues = self.queues.write();
+            if queues.get(name).is_some_and(|x| Arc::ptr_eq(x, &q)) {
+                queues.remove(name);
+            }
+        }
+        self.remove_destination(&Destination::Queue(name.into()));
+        for c in consumers {
+            c.channel.cancelled_by_server(&c);
+        }
+        Ok(count)
+    }
+
+    fn bindable_exchange(&self, name: &str) -> AmqpResult<Arc<Exchange>> {
+        if name.is_empty() {
+            return Err(Self::default_exchange_refused());
+        }
+        self.exchange(name).ok_or_else(|| self.no_exchange(name))
+    }
+
+    /// `queue.bind`.
+    pub fn bind_queue(
+        &self,
+        queue: &str,
+        exchange: &str,
+        routing_key: &str,
+        arguments: FieldTable,
+        connection: ConnectionId,
+    ) -> AmqpResult<()> {
+        let q = self.usable_queue(queue, connection)?;
+        let x = self.bindable_exchange(exchange)?;
+        x.bind(Binding {
+            destination: Destination::Queue(q.name().into()),
+            routing_key: routing_key.to_string(),
+            arguments,
+        })?;
+        Ok(())
+    }
+
+    /// `queue.unbind`; unbinding a binding that does not exist succeeds.
+    pub fn unbind_queue(
+        &self,
+        queue: &str,
+        exchange: &str,
+        routing_key: &str,
+        arguments: FieldTable,
+        connection: ConnectionId,
+    ) -> AmqpResult<()> {
+        let q = self.usable_queue(queue, connection)?;
+        let x = self.bindable_exchange(exchange)?;
+        x.unbind(&Binding {
+            destination: Destination::Queue(q.name().into()),
+            routing_key: routing_key.to_string(),
+            arguments,
+        });
+        self.auto_delete_if_unbound(&x);
+        Ok(())
+    }
+
+    /// `exchange.bind` (exchange-to-exchange).
+    pub fn bind_exchange(
+        &self,
+        destination: &str,
+        source: &str,
+        routing_key: &str,
+        arguments: FieldTable,
+    ) -> AmqpResult<()> {
+        let src = self.bindable_exchange(source)?;
+        let dst = self.bindable_exchange(destination)?;
+        src.bind(Binding {
+            destination: Destination::Exchange(dst.name().into()),
+            routing_key: routing_key.to_string(),
+            arguments,
+        })?;
+        Ok(())
+    }
+
+    /// `exchange.unbind`.
+    pub fn unbind_exchange(
+        &self,
+        destination: &str,
+        source: &str,
+        routing_key: &str,
+        arguments: FieldTable,
+    ) -> AmqpResult<()> {
+        let src = self.bindable_exchange(source)?;
+        let dst = self.bindable_exchange(destination)?;
+        src.unbind(&Binding {
+            destination: Destination::Exchange(dst.name().into()),
+            routing_key: routing_key.to_string(),
+            arguments,
+        });
+        self.auto_delete_if_unbound(&src);
+        Ok(())
+    }
+
+    fn auto_delete_if_unbound(&self, x: &Arc<Exchange>) {
+        if x.spec.auto_delete && !x.has_bindings() {
+            let _ = self.delete_exchange(&x.spec.name, true);
+        }
+    }
+
+    /// Routes a message: the queues it goes to, following exchange-to-exchange bindings and
+    /// alternate exchanges. Publishing to a missing exchange is 404, to an internal one 403.
+    pub fn route(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        headers: Option<&FieldTable>,
+    ) -> AmqpResult<Vec<Arc<Queue>>> {
+        if exchange.is_empty() {
+            return Ok(self.queue(routing_key).into_iter().collect());
+        }
+        let exchanges = self.exchanges.read();
+        let start = exchanges
+            .get(exchange)
+            .ok_or_else(|| self.no_exchange(exchange))?;
+        if start.spec.internal {
+            return Err(AmqpError::access_refused(format!(
+                "cannot publish to internal exchange '{exchange}' in vhost '{}'",
+                self.name
+            )));
+        }
+        let mut queue_names: Vec<Arc<str>> = Vec::new();
+        let mut visited: HashSet<&str> = HashSet::new();
+        let mut pending: Vec<&Arc<Exchange>> = vec![start];
+        let mut dests = Vec::new();
+        while let Some(x) = pending.pop() {
+            if !visited.insert(x.name()) {
+                continue;
+            }
+            dests.clear();
+            x.route(routing_key, headers, &mut dests);
+            if dests.is_empty() {
+                if let Some(alt) = x.alternate.as_deref().and_then(|a| exchanges.get(a)) {
+                    pending.push(alt);
+                }
+                continue;
+            }
+            for d in dests.drain(..) {
+                match d {
+                    Destination::Queue(q) => {
+                        if !queue_names.contains(&q) {
+                            queue_names.push(q)
+                        }
+                    }
+                    Destination::Exchange(e) => {
+                        if let Some(next) = exchanges.get(&*e) {
+                            pending.push(next);
+                        }
+                    }
+                }
+            }
+        }
+        drop(exchanges);
+        let queues = self.queues.read();
+        Ok(queue_names
+            .iter()
+            .filter_map(|n| queues.get(&**n).cloned())
+            .collect())
+    }
+}
+
+fn inequivalent(
+    arg: &str,
+    kind: &str,
+    name: &str,
+    vhost: &str,
+    got: &str,
+    current: &str,
+) -> AmqpError {
+    AmqpError::precondition(format!(
+        "inequivalent arg '{arg}' for {kind} '{name}' in vhost '{vhost}': received '{got}' but current is '{current}'"
+    ))
+}
+
+fn check_exchange_equivalence(
+    current: &ExchangeSpec,
+    new: &ExchangeSpec,
+    vhost: &str,
+) -> AmqpResult<()> {
+    let n = &current.name;
+    if current.kind != new.kind {
+        return Err(inequivalent(
+            "type",
+            "exchange",
+            n,
+            vhost,
+            new.kind.as_str(),
+            current.kind.as_str(),
+        ));
+    }
+    for (arg, got, cur) in [
+        ("durable", new.durable, current.durable),
+        ("auto_delete", new.auto_delete, current.auto_delete),
+        ("internal", new.internal, current.internal),
+    ] {
+        if got != cur {
+            return Err(inequivalent(
+                arg,
+                "exchange",
+                n,
+                vhost,
+                is_true(got),
+                is_true(cur),
+            ));
+        }
+    }
+    compare_args(
+        &["alternate-exchange"],
+        &current.arguments,
+        &new.arguments,
+        "exchange",
+        n,
+        vhost,
+    )
+}
+
+/// Queue arguments RabbitMQ compares on redeclare.
+const EQUIVALENCE_ARGS: &[&str] = &[
+    "x-message-ttl",
+    "x-expires",
+    "x-dead-letter-exchange",
+    "x-dead-letter-routing-key",
+    "x-max-length",
+    "x-max-length-bytes",
+    "x-overflow",
+    "x-max-priority",
+    "x-single-active-consumer",
+    "x-queue-type",
+    "x-consumer-timeout",
+];
+
+fn check_queue_equivalence(current: &QueueSpec, new: &QueueSpec, vhost: &str) -> AmqpResult<()> {
+    let n = &current.name;
+    for (arg, got, cur) in [
+        ("durable", new.durable, current.durable),
+        ("exclusive", new.exclusive, current.exclusive),
+        ("auto_delete", new.auto_delete, current.auto_delete),
+    ] {
+        if got != cur {
+            return Err(inequivalent(
+                arg,
+                "queue",
+                n,
+                vhost,
+                is_true(got),
+                is_true(cur),
+            ));
+        }
+    }
+    compare_args(
+        EQUIVALENCE_ARGS,
+        &current.arguments,
+        &new.arguments,
+        "queue",
+        n,
+        vhost,
+    )
+}
+
+fn compare_args(
+    keys: &[&str],
+    current: &FieldTable,
+    new: &FieldTable,
+    kind: &str,
+    name: &str,
+    vhost: &str,
+) -> AmqpResult<()> {
+    for key in keys {
+        let (c, g) = (current.inner().get(*key), new.inner().get(*key));
+        if !numeric_equal(c, g) {
+            return Err(inequivalent(key, kind, name, vhost, &show(g), &show(c)));
+        }
+    }
+    Ok(())
+}
+
+/// Integer arguments compare by value whatever their width (clients differ in the tag).
+fn numeric_equal(a: Option<&AMQPValue>, b: Option<&AMQPValue>) -> bool {
+    match (a.and_then(as_i128), b.and_then(as_i128)) {
+        (Some(x), Some(y)) => x == y,
+        _ => a == b,
+    }
+}
+
+pub(crate) fn as_i128(v: &AMQPValue) -> Option<i128> {
+    Some(match v {
+        AMQPValue::ShortShortInt(x) => *x as i128,
+        AMQPValue::ShortShortUInt(x) => *x as i128,
+        AMQPValue::ShortInt(x) => *x as i128,
+        AMQPValue::ShortUInt(x) => *x as i128,
+        AMQPValue::LongInt(x) => *x as i128,
+        AMQPValue::LongUInt(x) => *x as i128,
+        AMQPValue::LongLongInt(x) => *x as i128,
+        _ => return None,
+    })
+}
+
+fn show(v: Option<&AMQPValue>) -> String {
+    match v {
+        None => "none".to_string(),
+        Some(AMQPValue::LongString(s)) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+        Some(AMQPValue::ShortString(s)) => s.to_string(),
+        Some(AMQPValue::Boolean(b)) => b.to_string(),
+        Some(other) => as_i128(other).map_or_else(|| format!("{other:?}"), |n| n.to_string()),
+    }
+}

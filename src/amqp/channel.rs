@@ -1,0 +1,652 @@
+//! One AMQP channel's operations, independent of the wire: declare, bind, publish, consume,
+//! acknowledge, qos, confirms and transactions. The wire connection decodes a method and calls
+//! one of these; the in-process API calls the same functions, so both behave alike.
+
+use std::sync::Arc;
+
+use amq_protocol::types::FieldTable;
+use bytes::Bytes;
+
+use super::broker::{as_i128, Broker, VHost};
+use super::consumer::{ChannelShared, ConnectionId, Consumer, Unacked};
+use super::exchange::{ExchangeKind, ExchangeSpec};
+use super::message::Message;
+use super::queue::{Queue, QueueSpec, QueuedMessage};
+use super::reply::{AmqpError, AmqpResult, ReplyCode};
+
+/// What a channel knows about the connection it lives on.
+#[derive(Debug)]
+pub struct Session {
+    pub connection: ConnectionId,
+    pub user: String,
+    pub vhost: Arc<VHost>,
+    pub broker: Arc<Broker>,
+}
+
+/// A message taken with `basic.get`.
+#[derive(Debug, Clone)]
+pub struct Got {
+    pub delivery_tag: u64,
+    pub redelivered: bool,
+    pub message: Arc<Message>,
+    /// Ready messages left in the queue.
+    pub message_count: u32,
+}
+
+/// A consumer that has been registered but not started: the caller sends `consume-ok`
+/// first and then calls [`NewConsumer::start`], so no delivery overtakes the reply.
+#[must_use]
+pub struct NewConsumer {
+    pub tag: String,
+    queue: Arc<Queue>,
+}
+
+impl NewConsumer {
+    pub fn start(self) {
+        self.queue.dispatch();
+    }
+}
+
+#[derive(Debug, Default)]
+enum Mode {
+    #[default]
+    Plain,
+    Confirm(Confirms),
+    Tx(TxBuffer),
+}
+
+/// Publisher-confirm sequence state. Acks are coalesced: a run of successful publishes is
+/// confirmed with one `multiple` ack when the connection has processed its input batch.
+#[derive(Debug, Default)]
+struct Confirms {
+    /// Sequence number of the last publish.
+    last: u64,
+    /// Highest sequence number that is confirmed but not yet told to the client.
+    pending_ack: Option<u64>,
+    /// Everything up to here has been acked or nacked on the wire.
+    told_upto: u64,
+}
+
+/// Work held back until `tx.commit`.
+#[derive(Debug, Default)]
+struct TxBuffer {
+    publishes: Vec<PendingPublish>,
+    settles: Vec<Settle>,
+}
+
+#[derive(Debug)]
+struct PendingPublish {
+    message: Arc<Message>,
+    mandatory: bool,
+    headers: Option<FieldTable>,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Settle {
+    Ack {
+        tag: u64,
+        multiple: bool,
+    },
+    Nack {
+        tag: u64,
+        multiple: bool,
+        requeue: bool,
+    },
+}
+
+/// One open channel.
+#[derive(Debug)]
+pub struct Channel {
+    pub shared: Arc<ChannelShared>,
+    pub session: Arc<Session>,
+    /// The last queue this channel declared, used when a later method names queue "".
+    last_queue: Option<String>,
+    /// `basic.qos global=false`: the prefetch given to consumers created afterwards.
+    consumer_prefetch: u32,
+    mode: Mode,
+}
+
+fn queue_name_err() -> AmqpError {
+    AmqpError::not_found("no previously declared queue")
+}
+
+impl Channel {
+    pub fn new(shared: Arc<ChannelShared>, session: Arc<Session>) -> Channel {
+        Channel {
+            shared,
+            session,
+            last_queue: None,
+            consumer_prefetch: 0,
+            mode: Mode::Plain,
+        }
+    }
+
+    fn vhost(&self) -> &VHost {
+        &self.session.vhost
+    }
+
+    fn conn(&self) -> ConnectionId {
+        self.session.connection
+    }
+
+    /// Resolves queue "" to the last declared queue.
+    fn queue_name(&self, name: &str) -> AmqpResult<String> {
+        if name.is_empty() {
+            self.last_queue.clone().ok_or_else(queue_name_err)
+        } else {
+            Ok(name.to_string())
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn exchange_declare(
+        &mut self,
+        name: &str,
+        kind: &str,
+        passive: bool,
+        durable: bool,
+        auto_delete: bool,
+        internal: bool,
+        arguments: FieldTable,
+    ) -> AmqpResult<()> {
+        let kind = if passive {
+            ExchangeKind::parse(kind).unwrap_or(ExchangeKind::Direct)
+        } else {
+            ExchangeKind::parse(kind)?
+        };
+        self.vhost().declare_exchange(
+            ExchangeSpec {
+                name: name.to_string(),
+                kind,
+                durable,
+                auto_delete,
+                internal,
+                arguments,
+            },
+            passive,
+        )
+    }
+
+    pub fn exchange_delete(&mut self, name: &str, if_unused: bool) -> AmqpResult<()> {
+        self.vhost().delete_exchange(name, if_unused)
+    }
+
+    pub fn exchange_bind(
+        &mut self,
+        destination: &str,
+        source: &str,
+        routing_key: &str,
+        arguments: FieldTable,
+    ) -> AmqpResult<()> {
+        self.vhost()
+            .bind_exchange(destination, source, routing_key, arguments)
+    }
+
+    pub fn exchange_unbind(
+        &mut self,
+        destination: &str,
+        source: &str,
+        routing_key: &str,
+        arguments: FieldTable,
+    ) -> AmqpResult<()> {
+        self.vhost()
+            .unbind_exchange(destination, source, routing_key, arguments)
+    }
+
+    /// `queue.declare`: returns (name, ready messages, consumers).
+    #[allow(clippy::too_many_arguments)]
+    pub fn queue_declare(
+        &mut self,
+        name: &str,
+        passive: bool,
+        durable: bool,
+        exclusive: bool,
+        auto_delete: bool,
+        arguments: FieldTable,
+    ) -> AmqpResult<(String, u32, u32)> {
+        let name = if name.is_empty() {
+            if passive {
+                self.queue_name("")?
+            } else {
+                format!("amq.gen-{}", random_suffix())
+            }
+        } else {
+            if name.len() > 255 {
+                return Err(AmqpError::precondition(
+                    "queue name is longer than 255 bytes",
+                ));
+            }
+            name.replace(['\r', '\n'], "")
+        };
+        let (q, _created) = self.vhost().declare_queue(
+            QueueSpec {
+                name,
+                durable: durable && !exclusive,
+                exclusive,
+                auto_delete,
+                arguments,
+            },
+            passive,
+            self.conn(),
+        )?;
+        self.last_queue = Some(q.name().to_string());
+        Ok((q.name().to_string(), q.message_count(), q.consumer_count()))
+    }
+
+    pub fn queue_bind(
+        &mut self,
+        queue: &str,
+        exchange: &str,
+        routing_key: &str,
+        arguments: FieldTable,
+    ) -> AmqpResult<()> {
+        let queue = self.queue_name(queue)?;
+        // An empty routing key with an empty queue name means "the last queue's name".
+        let routing_key = if routing_key.is_empty() && self.last_queue.as_deref() == Some(&queue) {
+            queue.clone()
+        } else {
+            routing_key.to_string()
+        };
+        self.vhost()
+            .bind_queue(&queue, exchange, &routing_key, arguments, self.conn())
+    }
+
+    pub fn queue_unbind(
+        &mut self,
+        queue: &str,
+        exchange: &str,
+        routing_key: &str,
+        arguments: FieldTable,
+    ) -> AmqpResult<()> {
+        let queue = self.queue_name(queue)?;
+        self.vhost()
+            .unbind_queue(&queue, exchange, routing_key, arguments, self.conn())
+    }
+
+    pub fn queue_purge(&mut self, queue: &str) -> AmqpResult<u32> {
+        let queue = self.queue_name(queue)?;
+        Ok(self.vhost().usable_queue(&queue, self.conn())?.purge())
+    }
+
+    pub fn queue_delete(
+        &mut self,
+        queue: &str,
+        if_unused: bool,
+        if_empty: bool,
+    ) -> AmqpResult<u32> {
+        let queue = self.queue_name(queue)?;
+        self.vhost()
+            .delete_queue(&queue, self.conn(), if_unused, if_empty)
+    }
+
+    pub fn basic_qos(
+        &mut self,
+        prefetch_size: u32,
+        prefetch_count: u16,
+        global: bool,
+    ) -> AmqpResult<()> {
+        if prefetch_size != 0 {
+            return Err(AmqpError::not_implemented(format!(
+                "prefetch_size!=0 ({prefetch_size})"
+            )));
+        }
+        if global {
+            self.shared.set_global_prefetch(prefetch_count as u32);
+            self.shared.redispatch([]);
+        } else {
+            self.consumer_prefetch = prefetch_count as u32;
+        }
+        Ok(())
+    }
+
+    /// `basic.consume`: registers the consumer; start it after replying.
+    pub fn basic_consume(
+        &mut self,
+        queue: &str,
+        tag: &str,
+        no_ack: bool,
+        exclusive: bool,
+        arguments: FieldTable,
+    ) -> AmqpResult<NewConsumer> {
+        let queue = self.queue_name(queue)?;
+        let q = self.vhost().usable_queue(&queue, self.conn())?;
+        let tag = if tag.is_empty() {
+            format!("amq.ctag-{}", random_suffix())
+        } else {
+            tag.to_string()
+        };
+        if self.shared.has_consumer(&tag) {
+            return Err(AmqpError::not_allowed(format!(
+                "attempt to reuse consumer tag '{tag}'"
+            )));
+        }
+        let priority = match arguments.inner().get("x-priority") {
+            None => 0,
+            Some(v) => as_i128(v)
+                .and_then(|p| i32::try_from(p).ok())
+                .ok_or_else(|| {
+                    AmqpError::precondition(
+                        "invalid arg 'x-priority' for consumer: expected an integer",
+                    )
+                })?,
+        };
+        let consumer = Consumer::new(
+            tag.clone(),
+            q.clone(),
+            self.shared.clone(),
+            no_ack,
+            exclusive,
+            self.consumer_prefetch,
+            priority,
+            arguments,
+        );
+        self.shared.add_consumer(consumer.clone());
+        if let Err(e) = q.add_consumer_stopped(consumer) {
+            self.shared.remove_consumer(&tag);
+            return Err(e);
+        }
+        Ok(NewConsumer { tag, queue: q })
+    }
+
+    /// `basic.cancel`: cancelling an unknown tag is fine, as in RabbitMQ.
+    pub fn basic_cancel(&mut self, tag: &str) {
+        if let Some(consumer) = self.shared.remove_consumer(tag) {
+            self.drop_consumer(&consumer);
+        }
+    }
+
+    fn drop_consumer(&self, consumer: &Arc<Consumer>) {
+        if consumer.queue.remove_consumer(consumer) {
+            let _ = self
+                .vhost()
+                .delete_queue(consumer.queue.name(), self.conn(), false, false);
+        }
+    }
+
+    /// `basic.get`.
+    pub fn basic_get(&mut self, queue: &str, no_ack: bool) -> AmqpResult<Option<Got>> {
+        let queue = self.queue_name(queue)?;
+        let q = self.vhost().usable_queue(&queue, self.conn())?;
+        let Some((m, count)) = q.get(no_ack) else {
+            return Ok(None);
+        };
+        let mut got = None;
+        self.shared.record_get(&q, &m, no_ack, |tag| {
+            got = Some(Got {
+                delivery_tag: tag,
+                redelivered: m.redelivered,
+                message: m.message.clone(),
+                message_count: count,
+            })
+        });
+        Ok(got)
+    }
+
+    /// `basic.publish` with its assembled content.
+    pub fn basic_publish(
+        &mut self,
+        exchange: &str,
+        routing_key: &str,
+        mandatory: bool,
+        immediate: bool,
+        properties: Bytes,
+        body: Bytes,
+    ) -> AmqpResult<()> {
+        if immediate {
+            return Err(AmqpError::not_implemented("immediate=true"));
+        }
+        if body.len() > self.session.broker.limits.max_message_size {
+            return Err(AmqpError::precondition(format!(
+                "message size {} is larger than configured max size {}",
+                body.len(),
+                self.session.broker.limits.max_message_size
+            )));
+        }
+        let (message, props) = Message::from_raw(
+            exchange.to_string(),
+            routing_key.to_string(),
+            properties,
+            body,
+        )?;
+        if let Some(user_id) = props.user_id() {
+            if user_id.as_str() != self.session.user {
+                return Err(AmqpError::precondition(format!(
+                    "user_id property set to '{}' but authenticated user was '{}'",
+                    user_id, self.session.user
+                )));
+            }
+        }
+        if let Some(expiration) = props.expiration() {
+            if expiration.as_str().parse::<u64>().is_err() {
+                return Err(AmqpError::precondition(format!(
+                    "invalid expiration '{expiration}'"
+                )));
+            }
+        }
+        let headers = props.headers().clone();
+        self.publish_message(Arc::new(message), mandatory, headers)
+    }
+
+    /// Publishes a message built in-process (or already validated).
+    pub fn publish_message(
+        &mut self,
+        message: Arc<Message>,
+        mandatory: bool,
+        headers: Option<FieldTable>,
+    ) -> AmqpResult<()> {
+        if let Mode::Tx(tx) = &mut self.mode {
+            // The exchange must exist now; routing happens at commit.
+            if !message.exchange.is_empty()
+                && self.session.vhost.exchange(&message.exchange).is_none()
+            {
+                return Err(AmqpError::not_found(format!(
+                    "no exchange '{}' in vhost '{}'",
+                    message.exchange, self.session.vhost.name
+                )));
+            }
+            tx.publishes.push(PendingPublish {
+                message,
+                mandatory,
+                headers,
+            });
+            return Ok(());
+        }
+        let seq = match &mut self.mode {
+            Mode::Confirm(c) => {
+                c.last += 1;
+                Some(c.last)
+            }
+            _ => None,
+        };
+        self.route_and_enqueue(&message, mandatory, headers.as_ref())?;
+        if let (Some(seq), Mode::Confirm(c)) = (seq, &mut self.mode) {
+            c.pending_ack = Some(seq);
+        }
+        Ok(())
+    }
+
+    fn route_and_enqueue(
+        &self,
+        message: &Arc<Message>,
+        mandatory: bool,
+        headers: Option<&FieldTable>,
+    ) -> AmqpResult<()> {
+        let queues = self
+            .session
+            .vhost
+            .route(&message.exchange, &message.routing_key, headers)?;
+        let mut routed = false;
+        for q in &queues {
+            routed |= q.publish(message.clone());
+        }
+        if !routed && mandatory {
+            self.shared
+                .out
+                .basic_return(ReplyCode::NoRoute.code(), "NO_ROUTE", message);
+        }
+        Ok(())
+    }
+
+    /// Sends the coalesced publisher confirm, if any. Called after each input batch.
+    pub fn flush_confirms(&mut self) {
+        if let Mode::Confirm(c) = &mut self.mode {
+            if let Some(seq) = c.pending_ack.take() {
+                let multiple = seq - c.told_upto > 1;
+                self.shared.out.confirm(seq, multiple, true);
+                c.told_upto = seq;
+            }
+        }
+    }
+
+    pub fn basic_ack(&mut self, tag: u64, multiple: bool) -> AmqpResult<()> {
+        self.settle(Settle::Ack { tag, multiple })
+    }
+
+    pub fn basic_nack(&mut self, tag: u64, multiple: bool, requeue: bool) -> AmqpResult<()> {
+        self.settle(Settle::Nack {
+            tag,
+            multiple,
+            requeue,
+        })
+    }
+
+    pub fn basic_reject(&mut self, tag: u64, requeue: bool) -> AmqpResult<()> {
+        self.settle(Settle::Nack {
+            tag,
+            multiple: false,
+            requeue,
+        })
+    }
+
+    fn settle(&mut self, settle: Settle) -> AmqpResult<()> {
+        if let Mode::Tx(tx) = &mut self.mode {
+            tx.settles.push(settle);
+            return Ok(());
+        }
+        self.apply_settle(settle)
+    }
+
+    fn apply_settle(&self, settle: Settle) -> AmqpResult<()> {
+        let (tag, multiple, requeue) = match settle {
+            Settle::Ack { tag, multiple } => (tag, multiple, None),
+            Settle::Nack {
+                tag,
+                multiple,
+                requeue,
+            } => (tag, multiple, Some(requeue)),
+        };
+        let taken = self.shared.settle(tag, multiple)?;
+        let queues = finish(taken, requeue == Some(true));
+        self.shared.redispatch(queues);
+        Ok(())
+    }
+
+    /// `basic.recover` (and `recover-async`): requeue everything unacked.
+    pub fn basic_recover(&mut self, requeue: bool) -> AmqpResult<()> {
+        if !requeue {
+            return Err(AmqpError::not_implemented("requeue=false"));
+        }
+        let taken = self.shared.settle_all();
+        let queues = finish(taken, true);
+        self.shared.redispatch(queues);
+        Ok(())
+    }
+
+    /// `channel.flow`: RabbitMQ only accepts active=true from clients.
+    pub fn flow(&mut self, active: bool) -> AmqpResult<()> {
+        if !active {
+            return Err(AmqpError::not_implemented("active=false"));
+        }
+        self.shared.set_flow(true);
+        self.shared.redispatch([]);
+        Ok(())
+    }
+
+    pub fn confirm_select(&mut self) -> AmqpResult<()> {
+        match self.mode {
+            Mode::Tx(_) => Err(AmqpError::precondition(
+                "cannot switch from tx to confirm mode",
+            )),
+            Mode::Confirm(_) => Ok(()),
+            Mode::Plain => {
+                self.mode = Mode::Confirm(Confirms::default());
+                Ok(())
+            }
+        }
+    }
+
+    pub fn tx_select(&mut self) -> AmqpResult<()> {
+        match self.mode {
+            Mode::Confirm(_) => Err(AmqpError::precondition(
+                "cannot switch from confirm to tx mode",
+            )),
+            Mode::Tx(_) => Ok(()),
+            Mode::Plain => {
+                self.mode = Mode::Tx(TxBuffer::default());
+                Ok(())
+            }
+        }
+    }
+
+    pub fn tx_commit(&mut self) -> AmqpResult<()> {
+        let Mode::Tx(tx) = &mut self.mode else {
+            return Err(AmqpError::precondition("channel is not transactional"));
+        };
+        let tx = std::mem::take(tx);
+        for p in &tx.publishes {
+            self.route_and_enqueue(&p.message, p.mandatory, p.headers.as_ref())?;
+        }
+        for s in tx.settles {
+            self.apply_settle(s)?;
+        }
+        Ok(())
+    }
+
+    pub fn tx_rollback(&mut self) -> AmqpResult<()> {
+        let Mode::Tx(tx) = &mut self.mode else {
+            return Err(AmqpError::precondition("channel is not transactional"));
+        };
+        *tx = TxBuffer::default();
+        Ok(())
+    }
+
+    /// Closes the channel: consumers are cancelled and unacked messages requeued.
+    pub fn close(&mut self) {
+        self.shared.mark_closed();
+        for consumer in self.shared.take_consumers() {
+            self.drop_consumer(&consumer);
+        }
+        let taken = self.shared.settle_all();
+        for q in finish(taken, true) {
+            q.dispatch();
+        }
+    }
+}
+
+/// Acks (drops) or requeues settled messages per queue; returns the queues touched.
+fn finish(taken: Vec<Unacked>, requeue: bool) -> Vec<Arc<Queue>> {
+    let mut by_queue: Vec<(Arc<Queue>, Vec<QueuedMessage>)> = Vec::new();
+    for u in taken {
+        match by_queue.iter_mut().find(|(q, _)| Arc::ptr_eq(q, &u.queue)) {
+            Some((_, list)) => list.push(u.message),
+            None => by_queue.push((u.queue, vec![u.message])),
+        }
+    }
+    let mut touched = Vec::with_capacity(by_queue.len());
+    for (q, list) in by_queue {
+        if requeue {
+            q.requeue(list);
+        } else {
+            q.acked(list.len());
+        }
+        touched.push(q);
+    }
+    touched
+}
+
+/// A random suffix for server-generated names (`amq.gen-…`, `amq.ctag-…`).
+pub fn random_suffix() -> String {
+    use base64::Engine;
+    let bytes: [u8; 16] = rand::random();
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}

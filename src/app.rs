@@ -1,0 +1,144 @@
+//! Start-up and shutdown, as a script of steps: load config, prepare the data directory,
+//! bind listeners, start the broker's tasks; on SIGTERM or Ctrl-C, signal every task, let
+//! connections close (`connection.close 320`) and wait for them within a deadline.
+
+use std::fs::File;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::amqp::{server, Broker};
+use crate::config::Config;
+use crate::memory::{self, MemoryWatermark};
+
+/// How long shutdown waits for connections to close.
+const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
+
+/// A running mqic.
+pub struct App {
+    pub broker: Arc<Broker>,
+    /// Where the plain AMQP listener is bound (the real port when configured with port 0).
+    pub amqp_addr: SocketAddr,
+    /// Where the AMQPS listener is bound, if configured.
+    pub amqps_addr: Option<SocketAddr>,
+    pub memory: Arc<MemoryWatermark>,
+    shutdown: watch::Sender<bool>,
+    tasks: JoinSet<()>,
+    /// Held for the process's life: a second mqic on the same data dir is refused.
+    _data_lock: File,
+}
+
+async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen for {what} on {addr}"))
+}
+
+impl App {
+    /// Starts everything the config asks for; returns once listeners accept connections.
+    pub async fn start(config: Config) -> anyhow::Result<App> {
+        std::fs::create_dir_all(&config.data_dir)
+            .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
+        let lock_path = config.data_dir.join("mqic.lock");
+        let data_lock = File::create(&lock_path)
+            .with_context(|| format!("cannot create {}", lock_path.display()))?;
+        if data_lock.try_lock().is_err() {
+            anyhow::bail!(
+                "data dir {} is in use by another mqic process",
+                config.data_dir.display()
+            );
+        }
+
+        let broker = Broker::new(config.limits(), config.users(), &config.amqp.vhosts);
+        let total = memory::total_memory_bytes().unwrap_or(u64::MAX);
+        let watermark = MemoryWatermark::new(config.amqp.memory_high_watermark.bytes(total));
+
+        let plain = bind(config.amqp.listen, "AMQP").await?;
+        let amqp_addr = plain.local_addr()?;
+        let tls = match &config.amqp.tls {
+            None => None,
+            Some(t) => {
+                let acceptor = server::tls_acceptor(&t.cert, &t.key)?;
+                Some((bind(t.listen, "AMQPS").await?, acceptor))
+            }
+        };
+        let amqps_addr = match &tls {
+            Some((l, _)) => Some(l.local_addr()?),
+            None => None,
+        };
+
+        let (shutdown, rx) = watch::channel(false);
+        let mut tasks = JoinSet::new();
+        tasks.spawn(server::run(plain, None, broker.clone(), rx.clone()));
+        if let Some((listener, acceptor)) = tls {
+            tasks.spawn(server::run(
+                listener,
+                Some(acceptor),
+                broker.clone(),
+                rx.clone(),
+            ));
+        }
+        tasks.spawn(watermark.clone().watch(broker.clone(), rx));
+
+        Ok(App {
+            broker,
+            amqp_addr,
+            amqps_addr,
+            memory: watermark,
+            shutdown,
+            tasks,
+            _data_lock: data_lock,
+        })
+    }
+
+    /// The ready lines `mqic serve` prints.
+    pub fn ready_lines(&self) -> Vec<String> {
+        let mut lines = vec![format!("amqp listening on {}", self.amqp_addr)];
+        if let Some(a) = self.amqps_addr {
+            lines.push(format!("amqps listening on {a}"));
+        }
+        lines
+    }
+
+    /// Signals every task and waits (up to a deadline) for connections to close.
+    pub async fn shutdown(mut self) {
+        let _ = self.shutdown.send(true);
+        let drained = tokio::time::timeout(DRAIN_DEADLINE, async {
+            while self.tasks.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!("shutdown deadline passed with connections still open");
+            self.tasks.abort_all();
+        }
+    }
+}
+
+/// `mqic serve`: start, print the ready lines, run until SIGTERM or Ctrl-C, drain.
+pub async fn serve(config: Config) -> anyhow::Result<()> {
+    let app = App::start(config).await?;
+    for line in app.ready_lines() {
+        println!("{line}");
+    }
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    wait_for_signal().await?;
+    tracing::info!("shutting down");
+    app.shutdown().await;
+    Ok(())
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("cannot install SIGTERM handler")?;
+    tokio::select! {
+        _ = term.recv() => {}
+        r = tokio::signal::ctrl_c() => r.context("cannot install Ctrl-C handler")?,
+    }
+    Ok(())
+}
