@@ -121,24 +121,21 @@ impl App {
 
 /// `mqic serve`: start, print the ready lines, run until SIGTERM or Ctrl-C, drain.
 pub async fn serve(config: Config) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    // Handlers go in before the ready line, so a signal sent right after it is not lost.
+    let mut term = signal(SignalKind::terminate()).context("cannot install SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot install SIGINT handler")?;
     let app = App::start(config).await?;
     for line in app.ready_lines() {
         println!("{line}");
     }
     use std::io::Write;
     let _ = std::io::stdout().flush();
-    wait_for_signal().await?;
-    tracing::info!("shutting down");
-    app.shutdown().await;
-    Ok(())
-}
-
-async fn wait_for_signal() -> anyhow::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).context("cannot install SIGTERM handler")?;
     tokio::select! {
         _ = term.recv() => {}
-        r = tokio::signal::ctrl_c() => r.context("cannot install Ctrl-C handler")?,
+        _ = int.recv() => {}
     }
+    tracing::info!("shutting down");
+    app.shutdown().await;
     Ok(())
 }
