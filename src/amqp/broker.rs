@@ -277,11 +277,13 @@ impl VHost {
         }
     }
 
-    /// `queue.declare` for a named queue; returns the queue and whether it was created.
+    /// `queue.declare`; returns the queue and whether it was created. `server_named` is set
+    /// when the broker generated the name (the client sent an empty one).
     pub fn declare_queue(
         &self,
         spec: QueueSpec,
         passive: bool,
+        server_named: bool,
         connection: ConnectionId,
     ) -> AmqpResult<(Arc<Queue>, bool)> {
         if passive {
@@ -291,17 +293,19 @@ impl VHost {
             q.check_access(connection)?;
             return Ok((q, false));
         }
+        if spec.name.starts_with("amq.") && !server_named {
+            // RabbitMQ refuses every client-given amq.* name, even an existing amq.gen-*
+            // queue's; only a passive declare may name one.
+            return Err(AmqpError::access_refused(format!(
+                "queue name '{}' contains reserved prefix 'amq.*'",
+                spec.name
+            )));
+        }
         let mut queues = self.queues.write();
         if let Some(existing) = queues.get(&spec.name) {
             existing.check_access(connection)?;
             check_queue_equivalence(&existing.spec, &spec, &self.name)?;
             return Ok((existing.clone(), false));
-        }
-        if spec.name.starts_with("amq.") && !spec.name.starts_with("amq.gen-") {
-            return Err(AmqpError::access_refused(format!(
-                "queue name '{}' contains reserved prefix 'amq.*'",
-                spec.name
-            )));
         }
         Queue::validate_arguments(&spec.arguments)?;
         let owner = spec.exclusive.then_some(connection);

@@ -204,6 +204,7 @@ impl Channel {
         auto_delete: bool,
         arguments: FieldTable,
     ) -> AmqpResult<(String, u32, u32)> {
+        let server_named = name.is_empty() && !passive;
         let name = if name.is_empty() {
             if passive {
                 self.queue_name("")?
@@ -227,6 +228,7 @@ impl Channel {
                 arguments,
             },
             passive,
+            server_named,
             self.conn(),
         )?;
         self.last_queue = Some(q.name().to_string());
@@ -240,15 +242,19 @@ impl Channel {
         routing_key: &str,
         arguments: FieldTable,
     ) -> AmqpResult<()> {
+        let routing_key = self.routing_key_shortcut(queue, routing_key);
         let queue = self.queue_name(queue)?;
-        // An empty routing key with an empty queue name means "the last queue's name".
-        let routing_key = if routing_key.is_empty() && self.last_queue.as_deref() == Some(&queue) {
-            queue.clone()
-        } else {
-            routing_key.to_string()
-        };
         self.vhost()
             .bind_queue(&queue, exchange, &routing_key, arguments, self.conn())
+    }
+
+    /// RabbitMQ's `expand_routing_key_shortcut`: an empty routing key together with an empty
+    /// queue name means "the last declared queue's name"; a named queue keeps its empty key.
+    fn routing_key_shortcut(&self, queue: &str, routing_key: &str) -> String {
+        match (queue.is_empty() && routing_key.is_empty(), &self.last_queue) {
+            (true, Some(last)) => last.clone(),
+            _ => routing_key.to_string(),
+        }
     }
 
     pub fn queue_unbind(
@@ -258,9 +264,10 @@ impl Channel {
         routing_key: &str,
         arguments: FieldTable,
     ) -> AmqpResult<()> {
+        let routing_key = self.routing_key_shortcut(queue, routing_key);
         let queue = self.queue_name(queue)?;
         self.vhost()
-            .unbind_queue(&queue, exchange, routing_key, arguments, self.conn())
+            .unbind_queue(&queue, exchange, &routing_key, arguments, self.conn())
     }
 
     pub fn queue_purge(&mut self, queue: &str) -> AmqpResult<u32> {

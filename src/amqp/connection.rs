@@ -123,8 +123,13 @@ where
     let mut stream = stream;
     let mut rbuf = BytesMut::with_capacity(16 * 1024);
     let deadline = broker.limits.handshake_timeout;
-    let handshake =
-        tokio::time::timeout(deadline, handshake(&mut stream, &mut rbuf, peer, &broker)).await;
+    // Shutdown does not wait for handshakes to finish or time out.
+    let handshake = tokio::select! {
+        h = tokio::time::timeout(deadline, handshake(&mut stream, &mut rbuf, peer, &broker)) => h,
+        _ = async { let _ = shutdown.wait_for(|stop| *stop).await; } => {
+            return Err(ConnectionEnd::Shutdown)
+        }
+    };
     let opened = match handshake {
         Err(_) => return Err(ConnectionEnd::HandshakeTimeout),
         Ok(Err(e)) => return Err(e),
@@ -572,7 +577,11 @@ impl Connection {
             tokio::select! {
                 changed = shutdown.changed(), if self.closing.is_none() => {
                     if changed.is_err() || *shutdown.borrow() {
-                        let e = AmqpError::new(ReplyCode::ConnectionForced, "broker shutdown");
+                        // RabbitMQ's exact text, which client logs and docs quote.
+                        let e = AmqpError::new(
+                            ReplyCode::ConnectionForced,
+                            "broker forced connection closure with reason 'shutdown'",
+                        );
                         self.start_close(e);
                         close_deadline = Some(tokio::time::Instant::now() + CLOSE_OK_TIMEOUT);
                     }
@@ -714,10 +723,15 @@ impl Connection {
         }
         match frame {
             Frame::Heartbeat { channel: 0 } => Ok(Step::Continue),
+            // RabbitMQ (`rabbit_reader:handle_frame`): heartbeats off channel 0 and content
+            // on channel 0 are unexpected frames.
             Frame::Heartbeat { .. } => Err(AmqpError::new(
-                ReplyCode::FrameError,
+                ReplyCode::UnexpectedFrame,
                 "heartbeat frame on a non-zero channel",
             )),
+            Frame::Header { channel: 0, .. } | Frame::Body { channel: 0, .. } => Err(
+                AmqpError::new(ReplyCode::UnexpectedFrame, "content frame on channel 0"),
+            ),
             Frame::Method {
                 channel: 0,
                 payload,
@@ -758,6 +772,9 @@ impl Connection {
                     c.reply_code,
                     c.reply_text
                 );
+                // As RabbitMQ: exclusive queues are gone (and unacked messages requeued)
+                // before close-ok, so the client may rely on it once close returns.
+                self.cleanup();
                 self.send(
                     0,
                     AMQPClass::Connection(conn::AMQPMethod::CloseOk(conn::CloseOk {})),
@@ -776,14 +793,12 @@ impl Connection {
             }
             AMQPClass::Connection(conn::AMQPMethod::Blocked(_))
             | AMQPClass::Connection(conn::AMQPMethod::Unblocked(_)) => Ok(Step::Continue),
+            // RabbitMQ's `handle_method0` catch-all.
             other => Err(AmqpError::new(
-                ReplyCode::CommandInvalid,
-                format!(
-                    "method {}/{} is not valid on channel 0",
-                    other.get_amqp_class_id(),
-                    other.get_amqp_method_id()
-                ),
-            )),
+                ReplyCode::ChannelError,
+                "unexpected method in connection state running",
+            )
+            .on_method(other.get_amqp_class_id(), other.get_amqp_method_id())),
         }
     }
 
@@ -851,6 +866,15 @@ impl Connection {
                     ));
                 }
                 let method = codec::decode_method(payload).map_err(codec_error)?;
+                // amq-protocol's basic.qos drops prefetch_size: read it from the payload.
+                if (class_id, method_id) == (60, 10) {
+                    let size = u32::from_be_bytes([payload[4], payload[5], payload[6], payload[7]]);
+                    if size != 0 {
+                        return Err(AmqpError::not_implemented(format!(
+                            "prefetch_size!=0 ({size})"
+                        )));
+                    }
+                }
                 match self.dispatch(id, method) {
                     Ok(()) => Ok(()),
                     Err(e) if e.scope == Scope::Channel => {
@@ -963,8 +987,12 @@ impl Connection {
                 }
             }
             C::Basic(basic::AMQPMethod::Recover(r)) => {
+                // recover-ok goes before the redeliveries, as RabbitMQ orders them: clients
+                // (lapin) drop the deliveries they hold when recover-ok arrives.
+                if r.requeue {
+                    reply(C::Basic(basic::AMQPMethod::RecoverOk(basic::RecoverOk {})));
+                }
                 ch.basic_recover(r.requeue)?;
-                reply(C::Basic(basic::AMQPMethod::RecoverOk(basic::RecoverOk {})));
             }
             C::Basic(basic::AMQPMethod::RecoverAsync(r)) => ch.basic_recover(r.requeue)?,
             C::Exchange(exchange::AMQPMethod::Declare(d)) => {

@@ -84,7 +84,7 @@ pub fn decode_properties(raw: &[u8]) -> AmqpResult<AMQPProperties> {
         return Ok(AMQPProperties::default());
     }
     match parse_properties(raw) {
-        Ok((rest, props)) if rest.is_empty() => Ok(props),
+        Ok((&[], props)) => Ok(props),
         _ => Err(AmqpError::new(
             ReplyCode::SyntaxError,
             "malformed content header properties",

@@ -252,7 +252,7 @@ impl Queue {
         }
         if if_empty && !st.ready.is_empty() {
             return Err(AmqpError::precondition(format!(
-                "queue '{}' in vhost '{}' is not empty",
+                "queue '{}' in vhost '{}' not empty",
                 self.name(),
                 self.vhost
             )));

@@ -65,16 +65,25 @@ pub async fn run(
                 connections.spawn(async move {
                     let result = match tls {
                         None => connection::serve(socket, peer, broker, shutdown).await,
-                        Some(acceptor) => match tokio::time::timeout(
-                            broker.limits.handshake_timeout,
-                            acceptor.accept(socket),
-                        )
-                        .await
-                        {
-                            Ok(Ok(stream)) => connection::serve(stream, peer, broker, shutdown).await,
-                            Ok(Err(e)) => Err(ConnectionEnd::Io(e)),
-                            Err(_) => Err(ConnectionEnd::HandshakeTimeout),
-                        },
+                        Some(acceptor) => {
+                            // Shutdown does not wait for TLS handshakes either.
+                            let mut stop = shutdown.clone();
+                            let accepted = tokio::select! {
+                                a = tokio::time::timeout(
+                                    broker.limits.handshake_timeout,
+                                    acceptor.accept(socket),
+                                ) => Some(a),
+                                _ = async { let _ = stop.wait_for(|stop| *stop).await; } => None,
+                            };
+                            match accepted {
+                                Some(Ok(Ok(stream))) => {
+                                    connection::serve(stream, peer, broker, shutdown).await
+                                }
+                                Some(Ok(Err(e))) => Err(ConnectionEnd::Io(e)),
+                                Some(Err(_)) => Err(ConnectionEnd::HandshakeTimeout),
+                                None => Err(ConnectionEnd::Shutdown),
+                            }
+                        }
                     };
                     match result {
                         Ok(()) | Err(ConnectionEnd::ClientClosed) => {

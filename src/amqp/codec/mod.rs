@@ -183,7 +183,7 @@ pub fn decode_method(payload: &Bytes) -> Result<AMQPClass, CodecError> {
         });
     }
     match parse_class(payload.as_ref()) {
-        Ok((rest, class)) if rest.is_empty() => Ok(class),
+        Ok((&[], class)) => Ok(class),
         _ if is_known_method(class_id, method_id) => Err(CodecError::BadArguments {
             class_id,
             method_id,

@@ -6,6 +6,7 @@
 
 use amq_protocol::types::{AMQPValue, FieldTable};
 
+use crate::amqp::broker::as_i128;
 use crate::amqp::reply::{AmqpError, AmqpResult};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,14 +74,30 @@ pub fn matches(arguments: &FieldTable, headers: Option<&FieldTable>) -> bool {
     }
 }
 
-/// Strings compare equal whatever their tag; everything else by type and value.
+/// Strings compare equal whatever their tag, and numbers by value whatever their width or
+/// kind (RabbitMQ compares header values with Erlang's `==`, so `I` 5, `l` 5 and `d` 5.0 are
+/// all equal); everything else by type and value.
 fn values_equal(a: &AMQPValue, b: &AMQPValue) -> bool {
     match (a, b) {
         (AMQPValue::LongString(x), AMQPValue::ShortString(y))
         | (AMQPValue::ShortString(y), AMQPValue::LongString(x)) => {
             x.as_bytes() == y.as_str().as_bytes()
         }
-        _ => a == b,
+        _ => match (as_i128(a), as_i128(b)) {
+            (Some(x), Some(y)) => x == y,
+            _ => match (as_f64(a), as_f64(b)) {
+                (Some(x), Some(y)) => x == y,
+                _ => a == b,
+            },
+        },
+    }
+}
+
+fn as_f64(v: &AMQPValue) -> Option<f64> {
+    match v {
+        AMQPValue::Float(x) => Some(*x as f64),
+        AMQPValue::Double(x) => Some(*x),
+        other => as_i128(other).map(|n| n as f64),
     }
 }
 
@@ -140,12 +157,30 @@ mod tests {
             ("n", AMQPValue::LongInt(5)),
             ("present", AMQPValue::Boolean(true)),
         ]);
-        let wrong_type = table(&[
+        let wider = table(&[
             ("n", AMQPValue::LongLongInt(5)),
             ("present", AMQPValue::Boolean(true)),
         ]);
+        let double = table(&[
+            ("n", AMQPValue::Double(5.0)),
+            ("present", AMQPValue::Boolean(true)),
+        ]);
+        let string = table(&[
+            ("n", AMQPValue::LongString("5".into())),
+            ("present", AMQPValue::Boolean(true)),
+        ]);
+        let absent = table(&[("n", AMQPValue::LongInt(5))]);
         assert!(matches(&binding, Some(&good)));
-        assert!(!matches(&binding, Some(&wrong_type)));
+        assert!(matches(&binding, Some(&wider)), "integers match by value");
+        assert!(matches(&binding, Some(&double)), "5 == 5.0 as in Erlang");
+        assert!(
+            !matches(&binding, Some(&string)),
+            "a string is not a number"
+        );
+        assert!(
+            !matches(&binding, Some(&absent)),
+            "void needs the header present"
+        );
     }
 
     #[test]

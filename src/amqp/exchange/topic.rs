@@ -27,11 +27,7 @@ pub fn matches(pattern: &str, routing_key: &str) -> bool {
                     next[j] = any;
                 }
             }
-            "*" => {
-                for j in 1..=key.len() {
-                    next[j] = reachable[j - 1];
-                }
-            }
+            "*" => next[1..].copy_from_slice(&reachable[..key.len()]),
             literal => {
                 for j in 1..=key.len() {
                     next[j] = reachable[j - 1] && key[j - 1] == literal;
