@@ -251,3 +251,384 @@ impl RawClient {
         }
     }
 }
+
+// ---- Helpers added for tests/it/basic.rs -------------------------------------------------
+
+/// Awaits `fut`, panicking with `what` after 5 s.
+pub async fn within<T>(what: &str, fut: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(5), fut)
+        .await
+        .unwrap_or_else(|_| panic!("timed out after 5 s waiting for: {what}"))
+}
+
+/// A content-carrying method (`basic.deliver`, `get-ok`, `return`) as the raw client saw it.
+#[derive(Debug)]
+pub struct RawContent {
+    pub channel: u16,
+    pub method: amq_protocol::protocol::AMQPClass,
+    pub class_id: u16,
+    pub body_size: u64,
+    /// Property flags and list exactly as received.
+    pub properties: bytes::Bytes,
+    pub body: Vec<u8>,
+    /// Payload size of each body frame, in order.
+    pub body_frames: Vec<usize>,
+}
+
+impl RawClient {
+    /// Connects, runs the handshake with this frame_max (no heartbeats) and opens "/".
+    pub async fn connected(addr: SocketAddr, frame_max: u32) -> RawClient {
+        let mut c = RawClient::connect(addr).await;
+        c.handshake(2047, frame_max, 0).await;
+        c.open().await;
+        c
+    }
+
+    /// Sends `method` on `channel` and returns the next method the server sends.
+    pub async fn call(
+        &mut self,
+        channel: u16,
+        method: amq_protocol::protocol::AMQPClass,
+    ) -> amq_protocol::protocol::AMQPClass {
+        self.send_method(channel, method).await;
+        match self.method().await {
+            Some((ch, m)) if ch == channel => m,
+            other => panic!("expected a reply on channel {channel}, got {other:?}"),
+        }
+    }
+
+    /// Opens a channel and expects open-ok.
+    pub async fn open_channel(&mut self, channel: u16) {
+        use amq_protocol::protocol::{channel as chan, AMQPClass};
+        match self
+            .call(
+                channel,
+                AMQPClass::Channel(chan::AMQPMethod::Open(chan::Open {})),
+            )
+            .await
+        {
+            AMQPClass::Channel(chan::AMQPMethod::OpenOk(_)) => {}
+            other => panic!("expected channel.open-ok, got {other:?}"),
+        }
+    }
+
+    /// Sends `basic.publish`, a content header carrying `properties` verbatim (flags and
+    /// list) and `body` cut into body frames of at most `frame_max - 8` bytes.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn publish_raw(
+        &mut self,
+        channel: u16,
+        exchange: &str,
+        routing_key: &str,
+        mandatory: bool,
+        immediate: bool,
+        properties: &[u8],
+        body: &[u8],
+        frame_max: usize,
+    ) {
+        use amq_protocol::protocol::{basic, AMQPClass};
+        use bytes::BufMut;
+        let mut b = BytesMut::new();
+        codec::encode_method(
+            &mut b,
+            channel,
+            &AMQPClass::Basic(basic::AMQPMethod::Publish(basic::Publish {
+                exchange: exchange.into(),
+                routing_key: routing_key.into(),
+                mandatory,
+                immediate,
+            })),
+        );
+        b.put_u8(codec::FRAME_HEADER);
+        b.put_u16(channel);
+        b.put_u32((12 + properties.len()) as u32);
+        b.put_u16(60);
+        b.put_u16(0);
+        b.put_u64(body.len() as u64);
+        b.extend_from_slice(properties);
+        b.put_u8(codec::FRAME_END);
+        for part in body.chunks(frame_max - codec::FRAME_OVERHEAD) {
+            b.put_u8(codec::FRAME_BODY);
+            b.put_u16(channel);
+            b.put_u32(part.len() as u32);
+            b.extend_from_slice(part);
+            b.put_u8(codec::FRAME_END);
+        }
+        self.send(&b).await;
+    }
+
+    /// The next frame, which must be a method; content methods come with their header and body.
+    pub async fn content(&mut self) -> RawContent {
+        use amq_protocol::protocol::{basic, AMQPClass};
+        let Some(Frame::Method {
+            channel, payload, ..
+        }) = self.frame().await
+        else {
+            panic!("expected a method frame");
+        };
+        let method = codec::decode_method(&payload).expect("valid method");
+        if !matches!(
+            method,
+            AMQPClass::Basic(
+                basic::AMQPMethod::Deliver(_)
+                    | basic::AMQPMethod::GetOk(_)
+                    | basic::AMQPMethod::Return(_)
+            )
+        ) {
+            panic!("expected a content-carrying method, got {method:?}");
+        }
+        let Some(Frame::Header {
+            channel: hch,
+            class_id,
+            body_size,
+            properties,
+        }) = self.frame().await
+        else {
+            panic!("expected a content header after {method:?}");
+        };
+        assert_eq!(hch, channel, "content header on the method's channel");
+        let mut body = Vec::with_capacity(body_size as usize);
+        let mut body_frames = Vec::new();
+        while (body.len() as u64) < body_size {
+            match self.frame().await {
+                Some(Frame::Body {
+                    channel: bch,
+                    payload,
+                }) => {
+                    assert_eq!(bch, channel, "body frame on the method's channel");
+                    body_frames.push(payload.len());
+                    body.extend_from_slice(&payload);
+                }
+                other => panic!("expected a body frame, got {other:?}"),
+            }
+        }
+        assert_eq!(
+            body.len() as u64,
+            body_size,
+            "body matches the header's size"
+        );
+        RawContent {
+            channel,
+            method,
+            class_id,
+            body_size,
+            properties,
+            body,
+            body_frames,
+        }
+    }
+
+    /// Expects `channel.close` with this reply code on `channel`; answers close-ok and
+    /// returns the reply text.
+    pub async fn expect_channel_close(&mut self, channel: u16, code: u16) -> String {
+        use amq_protocol::protocol::{channel as chan, AMQPClass};
+        loop {
+            match self.method().await {
+                Some((ch, AMQPClass::Channel(chan::AMQPMethod::Close(close)))) if ch == channel => {
+                    assert_eq!(close.reply_code, code, "close text: {}", close.reply_text);
+                    self.send_method(
+                        channel,
+                        AMQPClass::Channel(chan::AMQPMethod::CloseOk(chan::CloseOk {})),
+                    )
+                    .await;
+                    return close.reply_text.to_string();
+                }
+                Some(_) => continue,
+                None => panic!("connection dropped without channel.close {code}"),
+            }
+        }
+    }
+}
+
+// ---- Helpers added for tests/it/handshake.rs ---------------------------------------------
+
+impl RawClient {
+    /// The next frame, heartbeats included. `Ok(None)` when the peer closed (EOF or reset),
+    /// `Err` when no complete frame arrived within `within`.
+    pub async fn next_frame_within(
+        &mut self,
+        within: Duration,
+    ) -> Result<Option<Frame>, tokio::time::error::Elapsed> {
+        tokio::time::timeout(within, async {
+            loop {
+                if let Some(f) =
+                    codec::decode_frame(&mut self.buf, 1 << 20).expect("server sends valid frames")
+                {
+                    return Some(f);
+                }
+                match self.stream.read_buf(&mut self.buf).await {
+                    Ok(0) | Err(_) => return None,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await
+    }
+
+    /// Waits up to `within` for the peer to close the socket (EOF or reset). Returns every
+    /// byte received before the close (buffered ones included), or `None` while still open.
+    pub async fn wait_closed(&mut self, within: Duration) -> Option<Vec<u8>> {
+        let mut all = self.buf.split().to_vec();
+        let stream = &mut self.stream;
+        let closed = tokio::time::timeout(within, async {
+            let mut chunk = [0u8; 4096];
+            loop {
+                match stream.read(&mut chunk).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => all.extend_from_slice(&chunk[..n]),
+                }
+            }
+        })
+        .await;
+        closed.ok().map(|()| all)
+    }
+}
+
+// ---- Helpers added for tests/it/topology.rs ----------------------------------------------
+
+/// The reply code and text of a lapin error that the broker raised with `channel.close` or
+/// `connection.close`. Panics on any other kind of error.
+pub fn lapin_reply(e: &lapin::Error) -> (u16, String) {
+    match e.kind() {
+        lapin::ErrorKind::ProtocolError(err) => (err.get_id(), err.get_message().to_string()),
+        other => panic!("expected an AMQP error from the broker, got {other:?}"),
+    }
+}
+
+/// Asserts that `result` is the broker's error `code`; returns its reply text.
+pub fn expect_lapin_error<T>(what: &str, result: lapin::Result<T>, code: u16) -> String {
+    match result {
+        Ok(_) => panic!("{what}: expected AMQP error {code}, got Ok"),
+        Err(e) => {
+            let (got, text) = lapin_reply(&e);
+            assert_eq!(got, code, "{what}: reply text {text}");
+            text
+        }
+    }
+}
+
+type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+type AmqprsResult<T> = Result<T, amqprs::error::Error>;
+
+/// An amqprs channel callback that reports the server's `channel.close` (code, text). amqprs
+/// only tells a failed call that the channel went away; the reply code arrives here.
+pub struct AmqprsCloseWatch(tokio::sync::mpsc::UnboundedSender<(u16, String)>);
+
+/// Opens an amqprs channel whose server-side closes are reported on the returned receiver.
+pub async fn amqprs_watched_channel(
+    conn: &amqprs::connection::Connection,
+) -> (
+    amqprs::channel::Channel,
+    tokio::sync::mpsc::UnboundedReceiver<(u16, String)>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let ch = conn
+        .open_channel(None)
+        .await
+        .expect("amqprs opens a channel");
+    ch.register_callback(AmqprsCloseWatch(tx))
+        .await
+        .expect("amqprs registers the callback");
+    (ch, rx)
+}
+
+/// Waits (5 s at most) for the server to close the watched channel; asserts the code and
+/// returns the text.
+pub async fn expect_amqprs_close(
+    what: &str,
+    closes: &mut tokio::sync::mpsc::UnboundedReceiver<(u16, String)>,
+    code: u16,
+) -> String {
+    let (got, text) = tokio::time::timeout(Duration::from_secs(5), closes.recv())
+        .await
+        .unwrap_or_else(|_| panic!("{what}: no channel.close within 5 s"))
+        .unwrap_or_else(|| panic!("{what}: channel dispatcher ended without channel.close"));
+    assert_eq!(got, code, "{what}: reply text {text}");
+    text
+}
+
+// Written out the way `#[async_trait]` expands, since async-trait is not a dev-dependency.
+impl amqprs::callbacks::ChannelCallback for AmqprsCloseWatch {
+    fn close<'a, 'b, 'c>(
+        &'a mut self,
+        _channel: &'b amqprs::channel::Channel,
+        close: amqprs::CloseChannel,
+    ) -> BoxFuture<'c, AmqprsResult<()>>
+    where
+        'a: 'c,
+        'b: 'c,
+        Self: 'c,
+    {
+        let _ = self
+            .0
+            .send((close.reply_code(), close.reply_text().to_string()));
+        Box::pin(async { Ok(()) })
+    }
+
+    fn cancel<'a, 'b, 'c>(
+        &'a mut self,
+        _channel: &'b amqprs::channel::Channel,
+        _cancel: amqprs::Cancel,
+    ) -> BoxFuture<'c, AmqprsResult<()>>
+    where
+        'a: 'c,
+        'b: 'c,
+        Self: 'c,
+    {
+        Box::pin(async { Ok(()) })
+    }
+
+    fn flow<'a, 'b, 'c>(
+        &'a mut self,
+        _channel: &'b amqprs::channel::Channel,
+        _active: bool,
+    ) -> BoxFuture<'c, AmqprsResult<bool>>
+    where
+        'a: 'c,
+        'b: 'c,
+        Self: 'c,
+    {
+        Box::pin(async { Ok(true) })
+    }
+
+    fn publish_ack<'a, 'b, 'c>(
+        &'a mut self,
+        _channel: &'b amqprs::channel::Channel,
+        _ack: amqprs::Ack,
+    ) -> BoxFuture<'c, ()>
+    where
+        'a: 'c,
+        'b: 'c,
+        Self: 'c,
+    {
+        Box::pin(async {})
+    }
+
+    fn publish_nack<'a, 'b, 'c>(
+        &'a mut self,
+        _channel: &'b amqprs::channel::Channel,
+        _nack: amqprs::Nack,
+    ) -> BoxFuture<'c, ()>
+    where
+        'a: 'c,
+        'b: 'c,
+        Self: 'c,
+    {
+        Box::pin(async {})
+    }
+
+    fn publish_return<'a, 'b, 'c>(
+        &'a mut self,
+        _channel: &'b amqprs::channel::Channel,
+        _ret: amqprs::Return,
+        _basic_properties: amqprs::BasicProperties,
+        _content: Vec<u8>,
+    ) -> BoxFuture<'c, ()>
+    where
+        'a: 'c,
+        'b: 'c,
+        Self: 'c,
+    {
+        Box::pin(async {})
+    }
+}
