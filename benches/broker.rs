@@ -1,1 +1,339 @@
-fn main() {}
+//! Broker benchmark: figures, not judgements. Run with `cargo bench --bench broker`.
+//!
+//! Drives a real `mqic serve` process (the release binary) with the lapin client over TCP:
+//! - transient throughput: 2 producers, 2 consumers, 512 B bodies, prefetch 500, manual
+//!   acks with `multiple` every 250 messages;
+//! - end-to-end latency p50/p99 at a fixed 2,000 msg/s (1 producer, 1 consumer);
+//! - idle RSS of the mqic process;
+//! - time from process start to accepting AMQP connections.
+//!
+//! With `MQIC_BENCH_RABBITMQ_URL` set, the same loads run against that broker in the same
+//! run and the ratios are printed (`MQIC_BENCH_RABBITMQ_PID` adds its RSS). `MQIC_BENCH_SECS`
+//! sets the throughput window (default 10 s).
+
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_lite::StreamExt;
+use lapin::options::*;
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+
+const BODY: usize = 512;
+const PREFETCH: u16 = 500;
+const ACK_EVERY: u64 = 250;
+const PIPELINE: usize = 32;
+const LATENCY_RATE: u64 = 2_000;
+const LATENCY_SECS: u64 = 5;
+
+struct Figures {
+    published: f64,
+    consumed: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+fn main() {
+    let secs: u64 = std::env::var("MQIC_BENCH_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+
+    let (mut child, url, start_ms, dir) = start_mqic();
+    std::thread::sleep(Duration::from_secs(1));
+    let idle_rss = rss_kib(child.id());
+    println!("mqic start to accepting AMQP: {start_ms:.1} ms");
+    println!("mqic idle RSS: {:.1} MB", idle_rss as f64 / 1024.0);
+
+    let mqic = rt.block_on(measure(&url, secs));
+    print_figures("mqic", &mqic);
+    let _ = Command::new("kill").arg(child.id().to_string()).status();
+    let _ = child.wait();
+    drop(dir);
+
+    if let Ok(rabbit_url) = std::env::var("MQIC_BENCH_RABBITMQ_URL") {
+        if let Ok(pid) = std::env::var("MQIC_BENCH_RABBITMQ_PID") {
+            if let Ok(pid) = pid.trim().parse() {
+                let rss = rss_kib(pid);
+                println!(
+                    "RabbitMQ idle RSS (pid {pid}): {:.1} MB",
+                    rss as f64 / 1024.0
+                );
+                println!(
+                    "ratio idle RSS mqic/RabbitMQ: {:.3}",
+                    idle_rss as f64 / rss as f64
+                );
+            }
+        }
+        let rabbit = rt.block_on(measure(&rabbit_url, secs));
+        print_figures("RabbitMQ", &rabbit);
+        println!(
+            "ratio transient throughput mqic/RabbitMQ: {:.2}x (target >= 4x)",
+            mqic.consumed / rabbit.consumed
+        );
+        println!(
+            "ratio latency p50 mqic/RabbitMQ: {:.2}, p99: {:.2} (target p99 <= 0.25)",
+            mqic.p50_ms / rabbit.p50_ms,
+            mqic.p99_ms / rabbit.p99_ms
+        );
+    }
+    println!("targets: idle RSS <= 13 MB, start to accepting <= 50 ms");
+}
+
+fn print_figures(name: &str, f: &Figures) {
+    println!(
+        "{name} transient throughput: {:.0} msg/s consumed, {:.0} msg/s published (2 producers, 2 consumers, {BODY} B, prefetch {PREFETCH}, multi-ack every {ACK_EVERY})",
+        f.consumed, f.published
+    );
+    println!(
+        "{name} latency at {LATENCY_RATE} msg/s: p50 {:.3} ms, p99 {:.3} ms",
+        f.p50_ms, f.p99_ms
+    );
+}
+
+/// Starts the release `mqic serve` on a free port; returns the child, its URL and the
+/// milliseconds from spawn to the first accepted TCP connection.
+fn start_mqic() -> (Child, String, f64, tempfile::TempDir) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dir = tempfile::tempdir().unwrap();
+    let addr = format!("127.0.0.1:{port}");
+    let t0 = Instant::now();
+    let child = Command::new(env!("CARGO_BIN_EXE_mqic"))
+        .args(["serve", "--amqp-listen", &addr, "--data-dir"])
+        .arg(dir.path())
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("mqic starts");
+    loop {
+        if std::net::TcpStream::connect(&addr).is_ok() {
+            break;
+        }
+        if t0.elapsed() > Duration::from_secs(10) {
+            panic!("mqic did not accept connections within 10 s");
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    let ms = t0.elapsed().as_secs_f64() * 1000.0;
+    (child, format!("amqp://guest:guest@{addr}/%2f"), ms, dir)
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+async fn connect(url: &str) -> Connection {
+    Connection::connect(url, ConnectionProperties::default())
+        .await
+        .expect("connect")
+}
+
+async fn measure(url: &str, secs: u64) -> Figures {
+    let (published, consumed) = throughput(url, secs).await;
+    let (p50_ms, p99_ms) = latency(url).await;
+    Figures {
+        published,
+        consumed,
+        p50_ms,
+        p99_ms,
+    }
+}
+
+async fn throughput(url: &str, secs: u64) -> (f64, f64) {
+    let queue = format!("bench-tp-{}", std::process::id());
+    let setup = connect(url).await;
+    let ch = setup.create_channel().await.unwrap();
+    ch.queue_declare(
+        queue.as_str().into(),
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let published = Arc::new(AtomicU64::new(0));
+    let consumed = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    let mut consumer_conns = Vec::new();
+    for _ in 0..2 {
+        let conn = connect(url).await;
+        let ch = conn.create_channel().await.unwrap();
+        consumer_conns.push(conn);
+        let (consumed, queue) = (consumed.clone(), queue.clone());
+        tasks.push(tokio::spawn(async move {
+            ch.basic_qos(PREFETCH, BasicQosOptions::default())
+                .await
+                .unwrap();
+            let mut deliveries = ch
+                .basic_consume(
+                    queue.as_str().into(),
+                    "".into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .unwrap();
+            let mut since_ack = 0;
+            // Ends when the connection is closed after the measured window.
+            while let Some(Ok(d)) = deliveries.next().await {
+                consumed.fetch_add(1, Ordering::Relaxed);
+                since_ack += 1;
+                if since_ack >= ACK_EVERY {
+                    if ch
+                        .basic_ack(d.delivery_tag, BasicAckOptions { multiple: true })
+                        .await
+                        .is_err()
+                    {
+                        break;
+                    }
+                    since_ack = 0;
+                }
+            }
+        }));
+    }
+    let mut producer_conns = Vec::new();
+    for _ in 0..2 {
+        let conn = connect(url).await;
+        let ch = conn.create_channel().await.unwrap();
+        producer_conns.push(conn);
+        // lapin resolves a publish once its frames are written; keeping PIPELINE publishes
+        // in flight per connection measures the broker rather than that round trip.
+        for _ in 0..PIPELINE {
+            let (stop, published, queue, ch) =
+                (stop.clone(), published.clone(), queue.clone(), ch.clone());
+            tasks.push(tokio::spawn(async move {
+                let body = vec![b'x'; BODY];
+                while !stop.load(Ordering::Relaxed) {
+                    let sent = ch
+                        .basic_publish(
+                            "".into(),
+                            queue.as_str().into(),
+                            BasicPublishOptions::default(),
+                            &body,
+                            BasicProperties::default(),
+                        )
+                        .await;
+                    if sent.is_err() {
+                        break;
+                    }
+                    published.fetch_add(1, Ordering::Relaxed);
+                }
+            }));
+        }
+    }
+    // One second of warm-up, then the measured window.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (p0, c0, t0) = (
+        published.load(Ordering::Relaxed),
+        consumed.load(Ordering::Relaxed),
+        Instant::now(),
+    );
+    tokio::time::sleep(Duration::from_secs(secs)).await;
+    let elapsed = t0.elapsed().as_secs_f64();
+    let (p1, c1) = (
+        published.load(Ordering::Relaxed),
+        consumed.load(Ordering::Relaxed),
+    );
+    stop.store(true, Ordering::Relaxed);
+    for conn in producer_conns.iter().chain(&consumer_conns) {
+        let _ = conn.close(200, "done".into()).await;
+    }
+    for t in tasks {
+        let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+    }
+    let _ = ch
+        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+        .await;
+    let _ = setup.close(200, "done".into()).await;
+    ((p1 - p0) as f64 / elapsed, (c1 - c0) as f64 / elapsed)
+}
+
+async fn latency(url: &str) -> (f64, f64) {
+    let queue = format!("bench-lat-{}", std::process::id());
+    let conn = connect(url).await;
+    let ch = conn.create_channel().await.unwrap();
+    ch.queue_declare(
+        queue.as_str().into(),
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let epoch = Instant::now();
+    let total = LATENCY_RATE * LATENCY_SECS;
+    let consumer_conn = connect(url).await;
+    let cch = consumer_conn.create_channel().await.unwrap();
+    let mut deliveries = cch
+        .basic_consume(
+            queue.as_str().into(),
+            "".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let collector = tokio::spawn(async move {
+        let mut samples = Vec::with_capacity(total as usize);
+        while (samples.len() as u64) < total {
+            let Ok(Some(Ok(d))) =
+                tokio::time::timeout(Duration::from_secs(5), deliveries.next()).await
+            else {
+                break;
+            };
+            let sent = u64::from_be_bytes(d.data[..8].try_into().unwrap());
+            samples.push(epoch.elapsed().as_nanos() as u64 - sent);
+        }
+        samples
+    });
+    let interval = Duration::from_nanos(1_000_000_000 / LATENCY_RATE);
+    let mut body = vec![0u8; BODY];
+    for i in 0..total {
+        let due = epoch + interval * i as u32;
+        let now = Instant::now();
+        if due > now {
+            tokio::time::sleep(due - now).await;
+        }
+        body[..8].copy_from_slice(&(epoch.elapsed().as_nanos() as u64).to_be_bytes());
+        ch.basic_publish(
+            "".into(),
+            queue.as_str().into(),
+            BasicPublishOptions::default(),
+            &body,
+            BasicProperties::default(),
+        )
+        .await
+        .unwrap();
+    }
+    let mut samples = collector.await.unwrap();
+    let _ = ch
+        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+        .await;
+    let _ = conn.close(200, "done".into()).await;
+    let _ = consumer_conn.close(200, "done".into()).await;
+    samples.sort_unstable();
+    let pick =
+        |q: f64| samples[((samples.len() as f64 * q) as usize).min(samples.len() - 1)] as f64 / 1e6;
+    (pick(0.50), pick(0.99))
+}
