@@ -33,6 +33,9 @@ struct Figures {
     consumed: f64,
     p50_ms: f64,
     p99_ms: f64,
+    /// The same latency load driven by amqprs, a second client, as a check on client noise.
+    amqprs_p50_ms: f64,
+    amqprs_p99_ms: f64,
 }
 
 fn main() {
@@ -79,9 +82,14 @@ fn main() {
             mqic.consumed / rabbit.consumed
         );
         println!(
-            "ratio latency p50 mqic/RabbitMQ: {:.2}, p99: {:.2} (target p99 <= 0.25)",
+            "ratio latency (lapin) p50 mqic/RabbitMQ: {:.2}, p99: {:.2} (target p99 <= 0.25)",
             mqic.p50_ms / rabbit.p50_ms,
             mqic.p99_ms / rabbit.p99_ms
+        );
+        println!(
+            "ratio latency (amqprs) p50 mqic/RabbitMQ: {:.2}, p99: {:.2} (target p99 <= 0.25)",
+            mqic.amqprs_p50_ms / rabbit.amqprs_p50_ms,
+            mqic.amqprs_p99_ms / rabbit.amqprs_p99_ms
         );
     }
     println!("targets: idle RSS <= 13 MB, start to accepting <= 50 ms");
@@ -93,8 +101,12 @@ fn print_figures(name: &str, f: &Figures) {
         f.consumed, f.published
     );
     println!(
-        "{name} latency at {LATENCY_RATE} msg/s: p50 {:.3} ms, p99 {:.3} ms",
+        "{name} latency at {LATENCY_RATE} msg/s (lapin): p50 {:.3} ms, p99 {:.3} ms",
         f.p50_ms, f.p99_ms
+    );
+    println!(
+        "{name} latency at {LATENCY_RATE} msg/s (amqprs): p50 {:.3} ms, p99 {:.3} ms",
+        f.amqprs_p50_ms, f.amqprs_p99_ms
     );
 }
 
@@ -149,11 +161,14 @@ async fn connect(url: &str) -> Connection {
 async fn measure(url: &str, secs: u64) -> Figures {
     let (published, consumed) = throughput(url, secs).await;
     let (p50_ms, p99_ms) = latency(url).await;
+    let (amqprs_p50_ms, amqprs_p99_ms) = latency_amqprs(url).await;
     Figures {
         published,
         consumed,
         p50_ms,
         p99_ms,
+        amqprs_p50_ms,
+        amqprs_p99_ms,
     }
 }
 
@@ -335,5 +350,69 @@ async fn latency(url: &str) -> (f64, f64) {
     samples.sort_unstable();
     let pick =
         |q: f64| samples[((samples.len() as f64 * q) as usize).min(samples.len() - 1)] as f64 / 1e6;
+    (pick(0.50), pick(0.99))
+}
+
+/// host, port, user, password from `amqp://user:pass@host:port/...`.
+fn parse_url(url: &str) -> (String, u16, String, String) {
+    let rest = url.strip_prefix("amqp://").expect("amqp:// URL");
+    let (auth, rest) = rest.split_once('@').expect("user:pass@ in URL");
+    let (user, pass) = auth.split_once(':').expect("user:pass");
+    let hostport = rest.split('/').next().unwrap();
+    let (host, port) = hostport.rsplit_once(':').expect("host:port");
+    (host.into(), port.parse().unwrap(), user.into(), pass.into())
+}
+
+/// The latency load again with the amqprs client, for a second opinion on client noise.
+async fn latency_amqprs(url: &str) -> (f64, f64) {
+    use amqprs::channel::{BasicConsumeArguments, BasicPublishArguments, QueueDeclareArguments, QueueDeleteArguments};
+    use amqprs::connection::{Connection as RsConnection, OpenConnectionArguments};
+    let (host, port, user, pass) = parse_url(url);
+    let args = OpenConnectionArguments::new(&host, port, &user, &pass);
+    let queue = format!("bench-lat-rs-{}", std::process::id());
+    let conn = RsConnection::open(&args).await.unwrap();
+    let ch = conn.open_channel(None).await.unwrap();
+    ch.queue_declare(QueueDeclareArguments::new(&queue)).await.unwrap();
+    let cconn = RsConnection::open(&args).await.unwrap();
+    let cch = cconn.open_channel(None).await.unwrap();
+    let (_tag, mut rx) = cch
+        .basic_consume_rx(BasicConsumeArguments::new(&queue, "lat").auto_ack(true).finish())
+        .await
+        .unwrap();
+    let epoch = Instant::now();
+    let total = LATENCY_RATE * LATENCY_SECS;
+    let collector = tokio::spawn(async move {
+        let mut samples = Vec::with_capacity(total as usize);
+        while (samples.len() as u64) < total {
+            let Ok(Some(m)) = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await else {
+                break;
+            };
+            let data = m.content.unwrap_or_default();
+            let sent = u64::from_be_bytes(data[..8].try_into().unwrap());
+            samples.push(epoch.elapsed().as_nanos() as u64 - sent);
+        }
+        samples
+    });
+    let interval = Duration::from_nanos(1_000_000_000 / LATENCY_RATE);
+    for i in 0..total {
+        let due = epoch + interval * i as u32;
+        let now = Instant::now();
+        if due > now {
+            tokio::time::sleep(due - now).await;
+        }
+        let mut body = vec![0u8; BODY];
+        body[..8].copy_from_slice(&(epoch.elapsed().as_nanos() as u64).to_be_bytes());
+        ch.basic_publish(amqprs::BasicProperties::default(), body, BasicPublishArguments::new("", &queue))
+            .await
+            .unwrap();
+    }
+    let mut samples = collector.await.unwrap();
+    let _ = ch.queue_delete(QueueDeleteArguments::new(&queue)).await;
+    let _ = ch.close().await;
+    let _ = cch.close().await;
+    let _ = conn.close().await;
+    let _ = cconn.close().await;
+    samples.sort_unstable();
+    let pick = |q: f64| samples[((samples.len() as f64 * q) as usize).min(samples.len() - 1)] as f64 / 1e6;
     (pick(0.50), pick(0.99))
 }
