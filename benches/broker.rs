@@ -365,18 +365,26 @@ fn parse_url(url: &str) -> (String, u16, String, String) {
 
 /// The latency load again with the amqprs client, for a second opinion on client noise.
 async fn latency_amqprs(url: &str) -> (f64, f64) {
-    use amqprs::channel::{BasicConsumeArguments, BasicPublishArguments, QueueDeclareArguments, QueueDeleteArguments};
+    use amqprs::channel::{
+        BasicConsumeArguments, BasicPublishArguments, QueueDeclareArguments, QueueDeleteArguments,
+    };
     use amqprs::connection::{Connection as RsConnection, OpenConnectionArguments};
     let (host, port, user, pass) = parse_url(url);
     let args = OpenConnectionArguments::new(&host, port, &user, &pass);
     let queue = format!("bench-lat-rs-{}", std::process::id());
     let conn = RsConnection::open(&args).await.unwrap();
     let ch = conn.open_channel(None).await.unwrap();
-    ch.queue_declare(QueueDeclareArguments::new(&queue)).await.unwrap();
+    ch.queue_declare(QueueDeclareArguments::new(&queue))
+        .await
+        .unwrap();
     let cconn = RsConnection::open(&args).await.unwrap();
     let cch = cconn.open_channel(None).await.unwrap();
     let (_tag, mut rx) = cch
-        .basic_consume_rx(BasicConsumeArguments::new(&queue, "lat").auto_ack(true).finish())
+        .basic_consume_rx(
+            BasicConsumeArguments::new(&queue, "lat")
+                .auto_ack(true)
+                .finish(),
+        )
         .await
         .unwrap();
     let epoch = Instant::now();
@@ -402,9 +410,13 @@ async fn latency_amqprs(url: &str) -> (f64, f64) {
         }
         let mut body = vec![0u8; BODY];
         body[..8].copy_from_slice(&(epoch.elapsed().as_nanos() as u64).to_be_bytes());
-        ch.basic_publish(amqprs::BasicProperties::default(), body, BasicPublishArguments::new("", &queue))
-            .await
-            .unwrap();
+        ch.basic_publish(
+            amqprs::BasicProperties::default(),
+            body,
+            BasicPublishArguments::new("", &queue),
+        )
+        .await
+        .unwrap();
     }
     let mut samples = collector.await.unwrap();
     let _ = ch.queue_delete(QueueDeleteArguments::new(&queue)).await;
@@ -413,6 +425,7 @@ async fn latency_amqprs(url: &str) -> (f64, f64) {
     let _ = conn.close().await;
     let _ = cconn.close().await;
     samples.sort_unstable();
-    let pick = |q: f64| samples[((samples.len() as f64 * q) as usize).min(samples.len() - 1)] as f64 / 1e6;
+    let pick =
+        |q: f64| samples[((samples.len() as f64 * q) as usize).min(samples.len() - 1)] as f64 / 1e6;
     (pick(0.50), pick(0.99))
 }
