@@ -4,12 +4,9 @@
 //! Each test asserts what a client observes (lapin, amqprs, or exact bytes via RawClient),
 //! against RabbitMQ 3.x behaviour (docs/reference: amqp-broker.md §1.4, 1.5, 1.7, 1.8).
 
-use std::future::Future;
-use std::pin::Pin;
 use std::time::Duration;
 
 use amq_protocol::protocol::{basic, connection as conn, queue, AMQPClass};
-use amqprs::callbacks::{ChannelCallback, ConnectionCallback};
 use amqprs::channel::{
     BasicAckArguments, BasicConsumeArguments, BasicGetArguments, BasicPublishArguments,
     BasicQosArguments, ConfirmSelectArguments, QueueDeclareArguments,
@@ -19,35 +16,20 @@ use lapin::options::*;
 use lapin::types::{AMQPValue, DecimalValue, FieldArray, FieldTable, LongString};
 use lapin::BasicProperties;
 use mqic::amqp::{LocalConnection, LocalEvent};
-use tokio::sync::mpsc;
 
-use crate::support::{eventually, within, RawClient, TestServer};
+use crate::support::{
+    declare_queue, events, eventually, lapin_reply, next_ev, within, Ev, RawClient, TestServer,
+};
 
 // ---- helpers --------------------------------------------------------------------------------
 
 /// The reply code of an AMQP error reported by lapin.
 fn code_of(e: &lapin::Error) -> u16 {
-    match e.kind() {
-        lapin::ErrorKind::ProtocolError(e) => e.get_id(),
-        other => panic!("expected an AMQP protocol error, got {other:?}"),
-    }
+    lapin_reply(e).0
 }
 
 fn text_of(e: &lapin::Error) -> String {
-    match e.kind() {
-        lapin::ErrorKind::ProtocolError(e) => e.get_message().to_string(),
-        other => panic!("expected an AMQP protocol error, got {other:?}"),
-    }
-}
-
-async fn declare(ch: &lapin::Channel, name: &str) {
-    ch.queue_declare(
-        name.into(),
-        QueueDeclareOptions::default(),
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
+    lapin_reply(e).1
 }
 
 /// Ready messages in a queue, as a client sees them (passive declare's message_count).
@@ -135,182 +117,6 @@ fn pattern(len: usize) -> Vec<u8> {
     (0..len)
         .map(|i| (i % 251) as u8 ^ (i >> 12) as u8)
         .collect()
-}
-
-/// What amqprs callbacks report, forwarded to the test.
-#[derive(Debug, PartialEq)]
-enum Ev {
-    ConnectionClose(u16, String),
-    Blocked(String),
-    Unblocked,
-    ChannelClose(u16, String),
-    Cancel(String),
-    Ack(u64, bool),
-    Nack(u64, bool),
-    Return(u16, String, Vec<u8>),
-}
-
-/// An amqprs connection and channel callback that forwards every event to a channel.
-/// The traits are `#[async_trait]`; these are the methods that macro would generate.
-#[derive(Clone)]
-struct Events(mpsc::UnboundedSender<Ev>);
-
-type Fut<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
-type AmqprsResult<T> = Result<T, amqprs::error::Error>;
-
-fn events() -> (Events, mpsc::UnboundedReceiver<Ev>) {
-    let (tx, rx) = mpsc::unbounded_channel();
-    (Events(tx), rx)
-}
-
-impl Events {
-    fn ready<'a, T: Send + 'a>(&self, ev: Ev, value: T) -> Fut<'a, T> {
-        let _ = self.0.send(ev);
-        Box::pin(std::future::ready(value))
-    }
-}
-
-impl ConnectionCallback for Events {
-    fn close<'l0, 'l1, 'at>(
-        &'l0 mut self,
-        _: &'l1 amqprs::connection::Connection,
-        close: amqprs::Close,
-    ) -> Fut<'at, AmqprsResult<()>>
-    where
-        'l0: 'at,
-        'l1: 'at,
-        Self: 'at,
-    {
-        let ev = Ev::ConnectionClose(close.reply_code(), close.reply_text().clone());
-        self.ready(ev, Ok(()))
-    }
-
-    fn blocked<'l0, 'l1, 'at>(
-        &'l0 mut self,
-        _: &'l1 amqprs::connection::Connection,
-        reason: String,
-    ) -> Fut<'at, ()>
-    where
-        'l0: 'at,
-        'l1: 'at,
-        Self: 'at,
-    {
-        self.ready(Ev::Blocked(reason), ())
-    }
-
-    fn unblocked<'l0, 'l1, 'at>(
-        &'l0 mut self,
-        _: &'l1 amqprs::connection::Connection,
-    ) -> Fut<'at, ()>
-    where
-        'l0: 'at,
-        'l1: 'at,
-        Self: 'at,
-    {
-        self.ready(Ev::Unblocked, ())
-    }
-
-    fn secret_updated<'l0, 'l1, 'at>(
-        &'l0 mut self,
-        _: &'l1 amqprs::connection::Connection,
-    ) -> Fut<'at, ()>
-    where
-        'l0: 'at,
-        'l1: 'at,
-        Self: 'at,
-    {
-        Box::pin(std::future::ready(()))
-    }
-}
-
-impl ChannelCallback for Events {
-    fn close<'l0, 'l1, 'at>(
-        &'l0 mut self,
-        _: &'l1 amqprs::channel::Channel,
-        close: amqprs::CloseChannel,
-    ) -> Fut<'at, AmqprsResult<()>>
-    where
-        'l0: 'at,
-        'l1: 'at,
-        Self: 'at,
-    {
-        let ev = Ev::ChannelClose(close.reply_code(), close.reply_text().clone());
-        self.ready(ev, Ok(()))
-    }
-
-    fn cancel<'l0, 'l1, 'at>(
-        &'l0 mut self,
-        _: &'l1 amqprs::channel::Channel,
-        cancel: amqprs::Cancel,
-    ) -> Fut<'at, AmqprsResult<()>>
-    where
-        'l0: 'at,
-        'l1: 'at,
-        Self: 'at,
-    {
-        self.ready(Ev::Cancel(cancel.consumer_tag().clone()), Ok(()))
-    }
-
-    fn flow<'l0, 'l1, 'at>(
-        &'l0 mut self,
-        _: &'l1 amqprs::channel::Channel,
-        active: bool,
-    ) -> Fut<'at, AmqprsResult<bool>>
-    where
-        'l0: 'at,
-        'l1: 'at,
-        Self: 'at,
-    {
-        Box::pin(std::future::ready(Ok(active)))
-    }
-
-    fn publish_ack<'l0, 'l1, 'at>(
-        &'l0 mut self,
-        _: &'l1 amqprs::channel::Channel,
-        ack: amqprs::Ack,
-    ) -> Fut<'at, ()>
-    where
-        'l0: 'at,
-        'l1: 'at,
-        Self: 'at,
-    {
-        self.ready(Ev::Ack(ack.delivery_tag(), ack.mutiple()), ())
-    }
-
-    fn publish_nack<'l0, 'l1, 'at>(
-        &'l0 mut self,
-        _: &'l1 amqprs::channel::Channel,
-        nack: amqprs::Nack,
-    ) -> Fut<'at, ()>
-    where
-        'l0: 'at,
-        'l1: 'at,
-        Self: 'at,
-    {
-        self.ready(Ev::Nack(nack.delivery_tag(), nack.multiple()), ())
-    }
-
-    fn publish_return<'l0, 'l1, 'at>(
-        &'l0 mut self,
-        _: &'l1 amqprs::channel::Channel,
-        ret: amqprs::Return,
-        _props: amqprs::BasicProperties,
-        content: Vec<u8>,
-    ) -> Fut<'at, ()>
-    where
-        'l0: 'at,
-        'l1: 'at,
-        Self: 'at,
-    {
-        let ev = Ev::Return(ret.reply_code(), ret.reply_text().clone(), content);
-        self.ready(ev, ())
-    }
-}
-
-async fn next_ev(rx: &mut mpsc::UnboundedReceiver<Ev>) -> Ev {
-    within("an amqprs callback", rx.recv())
-        .await
-        .expect("callback channel open")
 }
 
 async fn amqprs_declare(ch: &amqprs::channel::Channel, name: &str) {
@@ -524,7 +330,7 @@ async fn all_properties_and_every_field_type_round_trip_byte_exact() {
     // A real client decodes every value (lapin reads the same message from a new queue).
     let lapin = server.lapin().await;
     let ch = lapin.create_channel().await.unwrap();
-    declare(&ch, "props-lapin").await;
+    declare_queue(&ch, "props-lapin").await;
     raw.publish_raw(1, "", "props-lapin", false, false, &props, b"x", 131_072)
         .await;
     eventually("message routed", || stats(&server, "props-lapin").0 == 1).await;
@@ -557,7 +363,7 @@ async fn lapin_round_trips_all_fourteen_properties() {
     let server = TestServer::start().await;
     let conn = server.lapin().await;
     let ch = conn.create_channel().await.unwrap();
-    declare(&ch, "props14").await;
+    declare_queue(&ch, "props14").await;
     let mut inner = FieldTable::default();
     inner.insert("z".into(), AMQPValue::LongString("zed".into()));
     inner.insert("a".into(), AMQPValue::Boolean(false));
@@ -680,8 +486,8 @@ async fn large_bodies_between_lapin_and_amqprs() {
     let server = TestServer::start().await;
     let lapin = server.lapin().await;
     let lch = lapin.create_channel().await.unwrap();
-    declare(&lch, "to-amqprs").await;
-    declare(&lch, "to-lapin").await;
+    declare_queue(&lch, "to-amqprs").await;
+    declare_queue(&lch, "to-lapin").await;
     let amqprs = server.amqprs().await;
     let ach = amqprs.open_channel(None).await.unwrap();
 
@@ -866,7 +672,7 @@ async fn empty_consumer_tag_gets_a_server_generated_tag() {
     let server = TestServer::start().await;
     let conn = server.lapin().await;
     let ch = conn.create_channel().await.unwrap();
-    declare(&ch, "tags").await;
+    declare_queue(&ch, "tags").await;
     let c1 = consume(&ch, "tags", "").await;
     let c2 = consume(&ch, "tags", "").await;
     assert!(c1.tag().as_str().starts_with("amq.ctag-"), "{}", c1.tag());
@@ -887,7 +693,7 @@ async fn reusing_a_consumer_tag_closes_the_connection_530() {
     let server = TestServer::start().await;
     let conn = server.lapin().await;
     let ch = conn.create_channel().await.unwrap();
-    declare(&ch, "dup").await;
+    declare_queue(&ch, "dup").await;
     let _first = consume(&ch, "dup", "same").await;
     // The same tag on another channel is fine: tags are per channel.
     let ch2 = conn.create_channel().await.unwrap();
@@ -915,8 +721,8 @@ async fn exclusive_consume_conflicts_are_403() {
     let server = TestServer::start().await;
     let conn = server.lapin().await;
     let ch = conn.create_channel().await.unwrap();
-    declare(&ch, "shared").await;
-    declare(&ch, "mine").await;
+    declare_queue(&ch, "shared").await;
+    declare_queue(&ch, "mine").await;
     let exclusive = BasicConsumeOptions {
         exclusive: true,
         ..Default::default()
@@ -1004,7 +810,7 @@ async fn higher_priority_consumer_gets_the_messages() {
     let server = TestServer::start().await;
     let conn = server.lapin().await;
     let ch = conn.create_channel().await.unwrap();
-    declare(&ch, "prio").await;
+    declare_queue(&ch, "prio").await;
     let with_priority = |p: i32| {
         let mut args = FieldTable::default();
         args.insert("x-priority".into(), AMQPValue::LongInt(p));
@@ -1069,7 +875,7 @@ async fn basic_cancel_stops_deliveries() {
     let server = TestServer::start().await;
     let conn = server.lapin().await;
     let ch = conn.create_channel().await.unwrap();
-    declare(&ch, "cancelme").await;
+    declare_queue(&ch, "cancelme").await;
     let mut c = consume(&ch, "cancelme", "c").await;
     publish(&ch, "cancelme", b"one").await;
     let d = next(&mut c).await;
@@ -1093,7 +899,7 @@ async fn deleting_a_queue_cancels_its_consumers() {
     let server = TestServer::start().await;
     let conn = server.lapin().await;
     let ch = conn.create_channel().await.unwrap();
-    declare(&ch, "doomed").await;
+    declare_queue(&ch, "doomed").await;
     let cch = conn.create_channel().await.unwrap();
     let mut c = consume(&cch, "doomed", "lapin-c").await;
 
@@ -1117,7 +923,7 @@ async fn deleting_a_queue_cancels_its_consumers() {
     );
     assert_eq!(next_ev(&mut rx).await, Ev::Cancel("amqprs-c".into()));
     // The channels stay usable.
-    declare(&cch, "after").await;
+    declare_queue(&cch, "after").await;
     amqprs_declare(&ach, "after").await;
     server.stop().await;
 }
@@ -1176,7 +982,7 @@ async fn ack_multiple_covers_up_to_and_including_the_tag() {
     let server = TestServer::start().await;
     let conn = server.lapin().await;
     let ch = conn.create_channel().await.unwrap();
-    declare(&ch, "multi").await;
+    declare_queue(&ch, "multi").await;
     for i in 0..5u8 {
         publish(&ch, "multi", &[i]).await;
     }
@@ -1208,7 +1014,7 @@ async fn nack_and_reject_requeue_or_drop() {
     let server = TestServer::start().await;
     let conn = server.lapin().await;
     let ch = conn.create_channel().await.unwrap();
-    declare(&ch, "nq").await;
+    declare_queue(&ch, "nq").await;
     for b in [b"a", b"b", b"c"] {
         publish(&ch, "nq", b).await;
     }
@@ -1315,7 +1121,7 @@ async fn recover_requeue_redelivers_unacked() {
     let server = TestServer::start().await;
     let conn = server.lapin().await;
     let ch = conn.create_channel().await.unwrap();
-    declare(&ch, "rec").await;
+    declare_queue(&ch, "rec").await;
     publish(&ch, "rec", b"r0").await;
     publish(&ch, "rec", b"r1").await;
     let mut c = consume(&ch, "rec", "c").await;
@@ -1347,7 +1153,7 @@ async fn per_consumer_prefetch_is_enforced() {
     let server = TestServer::start().await;
     let conn = server.lapin().await;
     let ch = conn.create_channel().await.unwrap();
-    declare(&ch, "pf").await;
+    declare_queue(&ch, "pf").await;
     for i in 0..10u8 {
         publish(&ch, "pf", &[i]).await;
     }
@@ -1377,8 +1183,8 @@ async fn global_prefetch_is_shared_by_the_channels_consumers() {
     let server = TestServer::start().await;
     let conn = server.lapin().await;
     let ch = conn.create_channel().await.unwrap();
-    declare(&ch, "g1").await;
-    declare(&ch, "g2").await;
+    declare_queue(&ch, "g1").await;
+    declare_queue(&ch, "g2").await;
     let cch = conn.create_channel().await.unwrap();
     cch.basic_qos(4, BasicQosOptions { global: true })
         .await
@@ -1434,7 +1240,7 @@ async fn unacked_messages_are_requeued_in_order_when_the_channel_closes() {
     let server = TestServer::start().await;
     let conn = server.lapin().await;
     let ch = conn.create_channel().await.unwrap();
-    declare(&ch, "rq").await;
+    declare_queue(&ch, "rq").await;
     for i in 0..6u8 {
         publish(&ch, "rq", &[i]).await;
     }
@@ -1464,7 +1270,7 @@ async fn unacked_messages_are_requeued_in_order_when_the_connection_closes() {
     let server = TestServer::start().await;
     let lapin = server.lapin().await;
     let ch = lapin.create_channel().await.unwrap();
-    declare(&ch, "cq").await;
+    declare_queue(&ch, "cq").await;
     for i in 0..5u8 {
         publish(&ch, "cq", &[i]).await;
     }
@@ -1589,7 +1395,7 @@ async fn a_burst_of_publishes_is_all_confirmed() {
     let server = TestServer::start().await;
     let conn = server.lapin().await;
     let ch = conn.create_channel().await.unwrap();
-    declare(&ch, "burst").await;
+    declare_queue(&ch, "burst").await;
     ch.confirm_select(ConfirmSelectOptions::default())
         .await
         .unwrap();
@@ -1654,7 +1460,7 @@ async fn tx_publishes_are_invisible_until_commit_and_rollback_discards() {
     let server = TestServer::start().await;
     let conn = server.lapin().await;
     let ch = conn.create_channel().await.unwrap();
-    declare(&ch, "txq").await;
+    declare_queue(&ch, "txq").await;
     let txc = conn.create_channel().await.unwrap();
     txc.tx_select().await.unwrap();
     for i in 0..3u8 {
@@ -1685,7 +1491,7 @@ async fn tx_acks_take_effect_at_commit() {
     let server = TestServer::start().await;
     let conn = server.lapin().await;
     let ch = conn.create_channel().await.unwrap();
-    declare(&ch, "txa").await;
+    declare_queue(&ch, "txa").await;
     for b in [b"a", b"b", b"c"] {
         publish(&ch, "txa", b).await;
     }
@@ -1752,7 +1558,7 @@ async fn memory_alarm_blocks_publishers_until_it_clears() {
     let lapin = server.lapin().await;
     let mut lapin_events = lapin.events_listener();
     let ch = lapin.create_channel().await.unwrap();
-    declare(&ch, "held").await;
+    declare_queue(&ch, "held").await;
     // amqprs does not advertise connection.blocked (amqprs 2.1.5 sends only
     // consumer_cancel_notify), so like RabbitMQ we must not notify it.
     let amqprs = server.amqprs().await;

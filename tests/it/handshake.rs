@@ -13,11 +13,10 @@ use amq_protocol::types::{AMQPValue, FieldTable as RawTable, LongString};
 use futures_lite::StreamExt;
 use lapin::options::*;
 use lapin::types::FieldTable;
-use lapin::BasicProperties;
 use mqic::amqp::codec::{self, Frame};
 use mqic::config::{TlsConfig, UserConfig};
 
-use crate::support::{RawClient, TestServer};
+use crate::support::{amqprs_publish_and_consume, publish_confirmed, RawClient, TestServer};
 
 /// The nine capabilities RabbitMQ 3.x advertises, all `t` (boolean true).
 const CAPABILITIES: [&str; 9] = [
@@ -176,19 +175,7 @@ async fn lapin_round_trip(conn: &lapin::Connection, queue: &str) {
     )
     .await
     .expect("queue.declare");
-    ch.confirm_select(ConfirmSelectOptions::default())
-        .await
-        .expect("confirm.select");
-    let confirm = ch
-        .basic_publish(
-            "".into(),
-            queue.into(),
-            BasicPublishOptions::default(),
-            b"still here",
-            BasicProperties::default(),
-        )
-        .await
-        .expect("publish")
+    let confirm = publish_confirmed(&ch, "", queue, b"still here")
         .await
         .expect("confirm");
     assert!(confirm.is_ack());
@@ -1210,7 +1197,6 @@ async fn tls_round_trip_with_lapin() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_round_trip_with_amqprs() {
-    use amqprs::channel::{BasicConsumeArguments, BasicPublishArguments, QueueDeclareArguments};
     let (server, _pem) = tls_server().await;
     let addr = server.app.amqps_addr.expect("AMQPS listener bound");
     let ca = server.dir.path().join("cert.pem");
@@ -1228,26 +1214,7 @@ async fn tls_round_trip_with_amqprs() {
         .await
         .expect("amqprs connects over TLS");
     let ch = conn.open_channel(None).await.unwrap();
-    let (name, _, _) = ch
-        .queue_declare(QueueDeclareArguments::new("tls-amqprs"))
-        .await
-        .unwrap()
-        .unwrap();
-    ch.basic_publish(
-        amqprs::BasicProperties::default(),
-        b"over tls".to_vec(),
-        BasicPublishArguments::new("", &name),
-    )
-    .await
-    .unwrap();
-    let (_tag, mut rx) = ch
-        .basic_consume_rx(
-            BasicConsumeArguments::new(&name, "c")
-                .auto_ack(true)
-                .finish(),
-        )
-        .await
-        .unwrap();
+    let mut rx = amqprs_publish_and_consume(&ch, "tls-amqprs", b"over tls").await;
     let msg = tokio::time::timeout(WAIT, rx.recv())
         .await
         .expect("delivery within 5 s")

@@ -3,9 +3,8 @@
 use futures_lite::StreamExt;
 use lapin::options::*;
 use lapin::types::FieldTable;
-use lapin::BasicProperties;
 
-use crate::support::TestServer;
+use crate::support::{amqprs_publish_and_consume, publish_confirmed, TestServer};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lapin_round_trip_with_confirm() {
@@ -19,19 +18,7 @@ async fn lapin_round_trip_with_confirm() {
     )
     .await
     .unwrap();
-    ch.confirm_select(ConfirmSelectOptions::default())
-        .await
-        .unwrap();
-    let confirm = ch
-        .basic_publish(
-            "".into(),
-            "hello".into(),
-            BasicPublishOptions::default(),
-            b"hi there",
-            BasicProperties::default(),
-        )
-        .await
-        .unwrap()
+    let confirm = publish_confirmed(&ch, "", "hello", b"hi there")
         .await
         .unwrap();
     assert!(confirm.is_ack());
@@ -53,30 +40,10 @@ async fn lapin_round_trip_with_confirm() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn amqprs_round_trip() {
-    use amqprs::channel::{BasicConsumeArguments, BasicPublishArguments, QueueDeclareArguments};
     let server = TestServer::start().await;
     let conn = server.amqprs().await;
     let ch = conn.open_channel(None).await.unwrap();
-    let (name, _, _) = ch
-        .queue_declare(QueueDeclareArguments::new("amqprs-q"))
-        .await
-        .unwrap()
-        .unwrap();
-    ch.basic_publish(
-        amqprs::BasicProperties::default(),
-        b"payload".to_vec(),
-        BasicPublishArguments::new("", &name),
-    )
-    .await
-    .unwrap();
-    let (_tag, mut rx) = ch
-        .basic_consume_rx(
-            BasicConsumeArguments::new(&name, "c")
-                .auto_ack(true)
-                .finish(),
-        )
-        .await
-        .unwrap();
+    let mut rx = amqprs_publish_and_consume(&ch, "amqprs-q", b"payload").await;
     let msg = rx.recv().await.unwrap();
     assert_eq!(msg.content.unwrap(), b"payload");
     ch.close().await.unwrap();

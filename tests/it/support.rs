@@ -4,10 +4,13 @@
 
 #![allow(dead_code)]
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::time::Duration;
 
+use amqprs::callbacks::{ChannelCallback, ConnectionCallback};
 use bytes::BytesMut;
 use mqic::amqp::codec::{self, Frame};
 use mqic::app::App;
@@ -15,6 +18,7 @@ use mqic::config::Config;
 use tempfile::TempDir;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::sync::mpsc;
 
 /// A running mqic for one test.
 pub struct TestServer {
@@ -507,128 +511,290 @@ pub fn expect_lapin_error<T>(what: &str, result: lapin::Result<T>, code: u16) ->
     }
 }
 
-type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+// ---- amqprs callbacks, shared by tests/it/basic.rs and tests/it/topology.rs ---------------
+
+/// What amqprs callbacks report, forwarded to the test.
+#[derive(Debug, PartialEq)]
+pub enum Ev {
+    ConnectionClose(u16, String),
+    Blocked(String),
+    Unblocked,
+    ChannelClose(u16, String),
+    Cancel(String),
+    Ack(u64, bool),
+    Nack(u64, bool),
+    Return(u16, String, Vec<u8>),
+}
+
+/// An amqprs connection and channel callback that forwards every event to a channel.
+/// The traits are `#[async_trait]`; these are the methods that macro would generate.
+#[derive(Clone)]
+pub struct Events(mpsc::UnboundedSender<Ev>);
+
+type Fut<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 type AmqprsResult<T> = Result<T, amqprs::error::Error>;
 
-/// An amqprs channel callback that reports the server's `channel.close` (code, text). amqprs
-/// only tells a failed call that the channel went away; the reply code arrives here.
-pub struct AmqprsCloseWatch(tokio::sync::mpsc::UnboundedSender<(u16, String)>);
+pub fn events() -> (Events, mpsc::UnboundedReceiver<Ev>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    (Events(tx), rx)
+}
 
-/// Opens an amqprs channel whose server-side closes are reported on the returned receiver.
+impl Events {
+    fn ready<'a, T: Send + 'a>(&self, ev: Ev, value: T) -> Fut<'a, T> {
+        let _ = self.0.send(ev);
+        Box::pin(std::future::ready(value))
+    }
+}
+
+impl ConnectionCallback for Events {
+    fn close<'l0, 'l1, 'at>(
+        &'l0 mut self,
+        _: &'l1 amqprs::connection::Connection,
+        close: amqprs::Close,
+    ) -> Fut<'at, AmqprsResult<()>>
+    where
+        'l0: 'at,
+        'l1: 'at,
+        Self: 'at,
+    {
+        let ev = Ev::ConnectionClose(close.reply_code(), close.reply_text().clone());
+        self.ready(ev, Ok(()))
+    }
+
+    fn blocked<'l0, 'l1, 'at>(
+        &'l0 mut self,
+        _: &'l1 amqprs::connection::Connection,
+        reason: String,
+    ) -> Fut<'at, ()>
+    where
+        'l0: 'at,
+        'l1: 'at,
+        Self: 'at,
+    {
+        self.ready(Ev::Blocked(reason), ())
+    }
+
+    fn unblocked<'l0, 'l1, 'at>(
+        &'l0 mut self,
+        _: &'l1 amqprs::connection::Connection,
+    ) -> Fut<'at, ()>
+    where
+        'l0: 'at,
+        'l1: 'at,
+        Self: 'at,
+    {
+        self.ready(Ev::Unblocked, ())
+    }
+
+    fn secret_updated<'l0, 'l1, 'at>(
+        &'l0 mut self,
+        _: &'l1 amqprs::connection::Connection,
+    ) -> Fut<'at, ()>
+    where
+        'l0: 'at,
+        'l1: 'at,
+        Self: 'at,
+    {
+        Box::pin(std::future::ready(()))
+    }
+}
+
+impl ChannelCallback for Events {
+    fn close<'l0, 'l1, 'at>(
+        &'l0 mut self,
+        _: &'l1 amqprs::channel::Channel,
+        close: amqprs::CloseChannel,
+    ) -> Fut<'at, AmqprsResult<()>>
+    where
+        'l0: 'at,
+        'l1: 'at,
+        Self: 'at,
+    {
+        let ev = Ev::ChannelClose(close.reply_code(), close.reply_text().clone());
+        self.ready(ev, Ok(()))
+    }
+
+    fn cancel<'l0, 'l1, 'at>(
+        &'l0 mut self,
+        _: &'l1 amqprs::channel::Channel,
+        cancel: amqprs::Cancel,
+    ) -> Fut<'at, AmqprsResult<()>>
+    where
+        'l0: 'at,
+        'l1: 'at,
+        Self: 'at,
+    {
+        self.ready(Ev::Cancel(cancel.consumer_tag().clone()), Ok(()))
+    }
+
+    fn flow<'l0, 'l1, 'at>(
+        &'l0 mut self,
+        _: &'l1 amqprs::channel::Channel,
+        active: bool,
+    ) -> Fut<'at, AmqprsResult<bool>>
+    where
+        'l0: 'at,
+        'l1: 'at,
+        Self: 'at,
+    {
+        Box::pin(std::future::ready(Ok(active)))
+    }
+
+    fn publish_ack<'l0, 'l1, 'at>(
+        &'l0 mut self,
+        _: &'l1 amqprs::channel::Channel,
+        ack: amqprs::Ack,
+    ) -> Fut<'at, ()>
+    where
+        'l0: 'at,
+        'l1: 'at,
+        Self: 'at,
+    {
+        self.ready(Ev::Ack(ack.delivery_tag(), ack.mutiple()), ())
+    }
+
+    fn publish_nack<'l0, 'l1, 'at>(
+        &'l0 mut self,
+        _: &'l1 amqprs::channel::Channel,
+        nack: amqprs::Nack,
+    ) -> Fut<'at, ()>
+    where
+        'l0: 'at,
+        'l1: 'at,
+        Self: 'at,
+    {
+        self.ready(Ev::Nack(nack.delivery_tag(), nack.multiple()), ())
+    }
+
+    fn publish_return<'l0, 'l1, 'at>(
+        &'l0 mut self,
+        _: &'l1 amqprs::channel::Channel,
+        ret: amqprs::Return,
+        _props: amqprs::BasicProperties,
+        content: Vec<u8>,
+    ) -> Fut<'at, ()>
+    where
+        'l0: 'at,
+        'l1: 'at,
+        Self: 'at,
+    {
+        let ev = Ev::Return(ret.reply_code(), ret.reply_text().clone(), content);
+        self.ready(ev, ())
+    }
+}
+
+pub async fn next_ev(rx: &mut mpsc::UnboundedReceiver<Ev>) -> Ev {
+    within("an amqprs callback", rx.recv())
+        .await
+        .expect("callback channel open")
+}
+
+/// Opens an amqprs channel whose callback events (server-side closes among them) are
+/// reported on the returned receiver.
 pub async fn amqprs_watched_channel(
     conn: &amqprs::connection::Connection,
-) -> (
-    amqprs::channel::Channel,
-    tokio::sync::mpsc::UnboundedReceiver<(u16, String)>,
-) {
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+) -> (amqprs::channel::Channel, mpsc::UnboundedReceiver<Ev>) {
+    let (cb, rx) = events();
     let ch = conn
         .open_channel(None)
         .await
         .expect("amqprs opens a channel");
-    ch.register_callback(AmqprsCloseWatch(tx))
+    ch.register_callback(cb)
         .await
         .expect("amqprs registers the callback");
     (ch, rx)
 }
 
-/// Waits (5 s at most) for the server to close the watched channel; asserts the code and
-/// returns the text.
+/// Waits (5 s at most) for the server to close the watched channel, passing over any other
+/// callback event; asserts the code and returns the text.
 pub async fn expect_amqprs_close(
     what: &str,
-    closes: &mut tokio::sync::mpsc::UnboundedReceiver<(u16, String)>,
+    events: &mut mpsc::UnboundedReceiver<Ev>,
     code: u16,
 ) -> String {
-    let (got, text) = tokio::time::timeout(Duration::from_secs(5), closes.recv())
-        .await
-        .unwrap_or_else(|_| panic!("{what}: no channel.close within 5 s"))
-        .unwrap_or_else(|| panic!("{what}: channel dispatcher ended without channel.close"));
+    let (got, text) = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match events.recv().await {
+                Some(Ev::ChannelClose(got, text)) => return Some((got, text)),
+                Some(_) => continue,
+                None => return None,
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{what}: no channel.close within 5 s"))
+    .unwrap_or_else(|| panic!("{what}: channel dispatcher ended without channel.close"));
     assert_eq!(got, code, "{what}: reply text {text}");
     text
 }
 
-// Written out the way `#[async_trait]` expands, since async-trait is not a dev-dependency.
-impl amqprs::callbacks::ChannelCallback for AmqprsCloseWatch {
-    fn close<'a, 'b, 'c>(
-        &'a mut self,
-        _channel: &'b amqprs::channel::Channel,
-        close: amqprs::CloseChannel,
-    ) -> BoxFuture<'c, AmqprsResult<()>>
-    where
-        'a: 'c,
-        'b: 'c,
-        Self: 'c,
-    {
-        let _ = self
-            .0
-            .send((close.reply_code(), close.reply_text().to_string()));
-        Box::pin(async { Ok(()) })
-    }
+// ---- client sequences shared by the test files -------------------------------------------
 
-    fn cancel<'a, 'b, 'c>(
-        &'a mut self,
-        _channel: &'b amqprs::channel::Channel,
-        _cancel: amqprs::Cancel,
-    ) -> BoxFuture<'c, AmqprsResult<()>>
-    where
-        'a: 'c,
-        'b: 'c,
-        Self: 'c,
-    {
-        Box::pin(async { Ok(()) })
-    }
+/// Declares a queue with lapin (default options and arguments); returns the name the broker
+/// gave it.
+pub async fn declare_queue(ch: &lapin::Channel, name: &str) -> String {
+    ch.queue_declare(
+        name.into(),
+        lapin::options::QueueDeclareOptions::default(),
+        lapin::types::FieldTable::default(),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("declare queue {name}: {e}"))
+    .name()
+    .to_string()
+}
 
-    fn flow<'a, 'b, 'c>(
-        &'a mut self,
-        _channel: &'b amqprs::channel::Channel,
-        _active: bool,
-    ) -> BoxFuture<'c, AmqprsResult<bool>>
-    where
-        'a: 'c,
-        'b: 'c,
-        Self: 'c,
-    {
-        Box::pin(async { Ok(true) })
-    }
+/// Puts `ch` in confirm mode, publishes `body` to `exchange` with `key` and waits (5 s at
+/// most) for the broker's confirm. `Err` is the channel error a refused publish raised.
+pub async fn publish_confirmed(
+    ch: &lapin::Channel,
+    exchange: &str,
+    key: &str,
+    body: &[u8],
+) -> lapin::Result<lapin::Confirmation> {
+    ch.confirm_select(lapin::options::ConfirmSelectOptions::default())
+        .await
+        .expect("confirm.select");
+    let confirm = ch
+        .basic_publish(
+            exchange.into(),
+            key.into(),
+            lapin::options::BasicPublishOptions::default(),
+            body,
+            lapin::BasicProperties::default(),
+        )
+        .await
+        .expect("publish");
+    within("the publisher confirm", confirm).await
+}
 
-    fn publish_ack<'a, 'b, 'c>(
-        &'a mut self,
-        _channel: &'b amqprs::channel::Channel,
-        _ack: amqprs::Ack,
-    ) -> BoxFuture<'c, ()>
-    where
-        'a: 'c,
-        'b: 'c,
-        Self: 'c,
-    {
-        Box::pin(async {})
-    }
-
-    fn publish_nack<'a, 'b, 'c>(
-        &'a mut self,
-        _channel: &'b amqprs::channel::Channel,
-        _nack: amqprs::Nack,
-    ) -> BoxFuture<'c, ()>
-    where
-        'a: 'c,
-        'b: 'c,
-        Self: 'c,
-    {
-        Box::pin(async {})
-    }
-
-    fn publish_return<'a, 'b, 'c>(
-        &'a mut self,
-        _channel: &'b amqprs::channel::Channel,
-        _ret: amqprs::Return,
-        _basic_properties: amqprs::BasicProperties,
-        _content: Vec<u8>,
-    ) -> BoxFuture<'c, ()>
-    where
-        'a: 'c,
-        'b: 'c,
-        Self: 'c,
-    {
-        Box::pin(async {})
-    }
+/// With amqprs: declares `queue`, publishes `body` to it through the default exchange and
+/// consumes it (auto-ack, tag "c"); returns the consumer's receiver.
+pub async fn amqprs_publish_and_consume(
+    ch: &amqprs::channel::Channel,
+    queue: &str,
+    body: &[u8],
+) -> mpsc::UnboundedReceiver<amqprs::channel::ConsumerMessage> {
+    use amqprs::channel::{BasicConsumeArguments, BasicPublishArguments, QueueDeclareArguments};
+    let (name, _, _) = ch
+        .queue_declare(QueueDeclareArguments::new(queue))
+        .await
+        .unwrap()
+        .unwrap();
+    ch.basic_publish(
+        amqprs::BasicProperties::default(),
+        body.to_vec(),
+        BasicPublishArguments::new("", &name),
+    )
+    .await
+    .unwrap();
+    let (_tag, rx) = ch
+        .basic_consume_rx(
+            BasicConsumeArguments::new(&name, "c")
+                .auto_ack(true)
+                .finish(),
+        )
+        .await
+        .unwrap();
+    rx
 }

@@ -14,20 +14,14 @@ use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Channel, Connection, ExchangeKind};
 
 use crate::support::{
-    amqprs_watched_channel, expect_amqprs_close, expect_lapin_error, lapin_reply, TestServer,
+    amqprs_watched_channel, declare_queue, expect_amqprs_close, expect_lapin_error, lapin_reply,
+    publish_confirmed, within, TestServer,
 };
 
 const ACCESS_REFUSED: u16 = 403;
 const NOT_FOUND: u16 = 404;
 const RESOURCE_LOCKED: u16 = 405;
 const PRECONDITION_FAILED: u16 = 406;
-
-/// Awaits `fut`, failing the test after 5 s.
-async fn within_5s<T>(what: &str, fut: impl std::future::Future<Output = T>) -> T {
-    tokio::time::timeout(std::time::Duration::from_secs(5), fut)
-        .await
-        .unwrap_or_else(|_| panic!("timed out after 5 s waiting for: {what}"))
-}
 
 // ---- lapin helpers ------------------------------------------------------------------------
 
@@ -56,18 +50,6 @@ async fn declare_exchange(ch: &Channel, name: &str, kind: ExchangeKind) {
     )
     .await
     .unwrap_or_else(|e| panic!("declare exchange {name}: {e}"));
-}
-
-async fn declare_queue(ch: &Channel, name: &str) -> String {
-    ch.queue_declare(
-        name.into(),
-        QueueDeclareOptions::default(),
-        FieldTable::default(),
-    )
-    .await
-    .unwrap_or_else(|e| panic!("declare queue {name}: {e}"))
-    .name()
-    .to_string()
 }
 
 async fn bind(ch: &Channel, queue: &str, exchange: &str, key: &str, args: FieldTable) {
@@ -572,22 +554,9 @@ async fn exchange_passive_flags_internal_and_auto_delete() {
     assert_eq!(drain(&ch, "behind-internal").await, ["through amq.fanout"]);
 
     let pch = channel(&conn).await;
-    pch.confirm_select(ConfirmSelectOptions::default())
-        .await
-        .unwrap();
-    let confirm = pch
-        .basic_publish(
-            "flagged".into(),
-            "".into(),
-            BasicPublishOptions::default(),
-            b"refused",
-            BasicProperties::default(),
-        )
-        .await
-        .unwrap();
     let text = expect_lapin_error(
         "publish to an internal exchange",
-        within_5s("the confirm of a refused publish", confirm).await,
+        publish_confirmed(&pch, "flagged", "", b"refused").await,
         ACCESS_REFUSED,
     );
     assert_eq!(
@@ -972,22 +941,9 @@ async fn reserved_names_and_default_exchange_rules() {
 
     // Publishing to a missing exchange closes the channel with 404; the confirm reports it.
     let ch = channel(&conn).await;
-    ch.confirm_select(ConfirmSelectOptions::default())
-        .await
-        .unwrap();
-    let confirm = ch
-        .basic_publish(
-            "no-such-exchange".into(),
-            "k".into(),
-            BasicPublishOptions::default(),
-            b"lost",
-            BasicProperties::default(),
-        )
-        .await
-        .unwrap();
     let text = expect_lapin_error(
         "publish to a missing exchange",
-        within_5s("the confirm of a publish to a missing exchange", confirm).await,
+        publish_confirmed(&ch, "no-such-exchange", "k", b"lost").await,
         NOT_FOUND,
     );
     assert_eq!(
@@ -1056,6 +1012,35 @@ async fn queue_passive_server_named_and_reserved() {
         "ACCESS_REFUSED - queue name 'amq.x' contains reserved prefix 'amq.*'"
     );
     assert!(!queue_exists(&conn, "amq.x").await);
+
+    // Even an existing server-named queue may only be named by a passive declare.
+    let ch = channel(&conn).await;
+    let passive = ch
+        .queue_declare(
+            a.as_str().into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(passive.name().as_str(), a);
+    let text = expect_lapin_error(
+        "redeclare amq.gen-*",
+        ch.queue_declare(
+            a.as_str().into(),
+            QueueDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await,
+        ACCESS_REFUSED,
+    );
+    assert_eq!(
+        text,
+        format!("ACCESS_REFUSED - queue name '{a}' contains reserved prefix 'amq.*'")
+    );
     conn.close(200, "bye".into()).await.unwrap();
     server.stop().await;
 }
@@ -1108,7 +1093,7 @@ async fn queue_redeclare_equivalence_and_counts() {
         )
         .await
         .unwrap();
-    let first = within_5s("the first delivery", consumer.next())
+    let first = within("the first delivery", consumer.next())
         .await
         .unwrap()
         .unwrap();
@@ -1443,7 +1428,7 @@ async fn empty_queue_name_means_the_last_declared_queue() {
         .await
         .unwrap();
     publish(&ch, "amq.topic", "t.y", "for the consumer").await;
-    let d = within_5s("delivery to the consumer of \"\"", consumer.next())
+    let d = within("delivery to the consumer of \"\"", consumer.next())
         .await
         .unwrap()
         .unwrap();
