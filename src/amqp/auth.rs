@@ -84,10 +84,6 @@ impl Users {
         }
     }
 
-    pub fn get(&self, name: &str) -> Option<&User> {
-        self.by_name.get(name)
-    }
-
     /// Checks a username and password from a peer address.
     pub fn login(&self, name: &str, password: &[u8], peer: IpAddr) -> Result<&User, LoginFailure> {
         let user = self

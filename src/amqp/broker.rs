@@ -82,12 +82,6 @@ impl Broker {
         self.vhosts.read().get(name).cloned()
     }
 
-    pub fn vhost_names(&self) -> Vec<String> {
-        let mut names: Vec<_> = self.vhosts.read().keys().cloned().collect();
-        names.sort();
-        names
-    }
-
     pub fn next_connection_id(&self) -> ConnectionId {
         self.next_connection.fetch_add(1, Ordering::Relaxed)
     }
@@ -190,10 +184,6 @@ impl VHost {
 
     pub fn queue(&self, name: &str) -> Option<Arc<Queue>> {
         self.queues.read().get(name).cloned()
-    }
-
-    pub fn queues(&self) -> Vec<Arc<Queue>> {
-        self.queues.read().values().cloned().collect()
     }
 
     fn queues_owned_by(&self, connection: ConnectionId) -> Vec<Arc<Queue>> {

@@ -96,10 +96,6 @@ impl Consumer {
         self.unacked.fetch_add(1, Ordering::AcqRel);
         true
     }
-
-    pub fn unacked(&self) -> u32 {
-        self.unacked.load(Ordering::Relaxed)
-    }
 }
 
 /// A delivered message the client has not yet acknowledged.
@@ -172,10 +168,6 @@ impl ChannelShared {
 
     pub fn set_flow(&self, active: bool) {
         self.flow_active.store(active, Ordering::Relaxed);
-    }
-
-    pub fn unacked_count(&self) -> usize {
-        self.deliveries.lock().unacked.len()
     }
 
     pub fn mark_closed(&self) {
@@ -294,10 +286,6 @@ impl ChannelShared {
 
     pub fn take_consumers(&self) -> Vec<Arc<Consumer>> {
         self.consumers.lock().drain().map(|(_, c)| c).collect()
-    }
-
-    pub fn consumers(&self) -> Vec<Arc<Consumer>> {
-        self.consumers.lock().values().cloned().collect()
     }
 
     /// The queue deleted this consumer: forget it and tell the client if it can hear it.

@@ -11,7 +11,6 @@ use tokio::sync::{mpsc, Notify};
 
 use super::codec;
 use super::message::Message;
-use super::reply::AmqpError;
 
 /// A write buffer above this size means the peer is not reading fast enough: queues stop
 /// handing no-ack deliveries to this connection until the writer has drained it.
@@ -140,8 +139,6 @@ pub enum LocalEvent {
     Cancelled {
         consumer_tag: String,
     },
-    /// The broker closed the channel with this error.
-    Closed(AmqpError),
 }
 
 /// The destination of one channel's server-sent frames.

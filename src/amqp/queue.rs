@@ -264,10 +264,6 @@ impl Queue {
         Ok((count, std::mem::take(&mut st.consumers)))
     }
 
-    pub fn is_deleted(&self) -> bool {
-        self.state.lock().deleted
-    }
-
     /// Ready messages (what `queue.declare-ok` reports).
     pub fn message_count(&self) -> u32 {
         self.state.lock().ready.len() as u32

@@ -160,10 +160,6 @@ impl Exchange {
         });
     }
 
-    pub fn bindings(&self) -> Vec<Binding> {
-        self.bindings.read().all.clone()
-    }
-
     pub fn has_bindings(&self) -> bool {
         !self.bindings.read().all.is_empty()
     }
