@@ -2,7 +2,7 @@
 //!
 //! Password hashes use RabbitMQ's `rabbit_password_hashing_sha256` format, so a hash made by
 //! `rabbitmqctl hash_password` works here and `mqic config hash-password` output works there:
-//! base64(salt[4] ++ sha256(salt ++ password)).
+//! `base64(salt[4] ++ sha256(salt ++ password))`.
 
 use std::collections::HashMap;
 use std::net::IpAddr;

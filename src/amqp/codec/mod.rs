@@ -201,6 +201,14 @@ pub fn decode_method(payload: &Bytes) -> Result<AMQPClass, CodecError> {
     }
 }
 
+/// `basic.qos`'s prefetch_size, which `amq-protocol`'s `Qos` struct does not carry. `payload`
+/// is a decoded `basic.qos` method payload (ids, then prefetch_size as a u32).
+pub fn qos_prefetch_size(payload: &[u8]) -> u32 {
+    payload
+        .get(4..8)
+        .map_or(0, |b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+}
+
 /// Whether (class, method) is a method of AMQP 0-9-1 with RabbitMQ's extensions.
 fn is_known_method(class_id: u16, method_id: u16) -> bool {
     let methods: &[u16] = match class_id {
