@@ -293,7 +293,7 @@ async fn latency(url: &str) -> (f64, f64) {
     )
     .await
     .unwrap();
-    let epoch = Instant::now();
+    let pacer = Pacer::new();
     let total = LATENCY_RATE * LATENCY_SECS;
     let consumer_conn = connect(url).await;
     let cch = consumer_conn.create_channel().await.unwrap();
@@ -317,20 +317,14 @@ async fn latency(url: &str) -> (f64, f64) {
             else {
                 break;
             };
-            let sent = u64::from_be_bytes(d.data[..8].try_into().unwrap());
-            samples.push(epoch.elapsed().as_nanos() as u64 - sent);
+            samples.push(pacer.latency_of(&d.data));
         }
         samples
     });
-    let interval = Duration::from_nanos(1_000_000_000 / LATENCY_RATE);
     let mut body = vec![0u8; BODY];
     for i in 0..total {
-        let due = epoch + interval * i as u32;
-        let now = Instant::now();
-        if due > now {
-            tokio::time::sleep(due - now).await;
-        }
-        body[..8].copy_from_slice(&(epoch.elapsed().as_nanos() as u64).to_be_bytes());
+        pacer.wait_turn(i).await;
+        pacer.stamp(&mut body);
         ch.basic_publish(
             "".into(),
             queue.as_str().into(),
@@ -341,12 +335,54 @@ async fn latency(url: &str) -> (f64, f64) {
         .await
         .unwrap();
     }
-    let mut samples = collector.await.unwrap();
+    let samples = collector.await.unwrap();
     let _ = ch
         .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
         .await;
     let _ = conn.close(200, "done".into()).await;
     let _ = consumer_conn.close(200, "done".into()).await;
+    p50_p99(samples)
+}
+
+/// Paces sends at `LATENCY_RATE` and stamps each body with its send time (nanoseconds
+/// since the pacer's epoch, in the first 8 bytes), so the consumer can compute latency.
+#[derive(Clone, Copy)]
+struct Pacer {
+    epoch: Instant,
+}
+
+impl Pacer {
+    fn new() -> Pacer {
+        Pacer {
+            epoch: Instant::now(),
+        }
+    }
+
+    /// Sleeps until the `i`-th send slot.
+    async fn wait_turn(&self, i: u64) {
+        let interval = Duration::from_nanos(1_000_000_000 / LATENCY_RATE);
+        let due = self.epoch + interval * i as u32;
+        let now = Instant::now();
+        if due > now {
+            tokio::time::sleep(due - now).await;
+        }
+    }
+
+    fn now(&self) -> u64 {
+        self.epoch.elapsed().as_nanos() as u64
+    }
+
+    fn stamp(&self, body: &mut [u8]) {
+        body[..8].copy_from_slice(&self.now().to_be_bytes());
+    }
+
+    fn latency_of(&self, body: &[u8]) -> u64 {
+        self.now() - u64::from_be_bytes(body[..8].try_into().unwrap())
+    }
+}
+
+/// p50 and p99 of latency samples in nanoseconds, as milliseconds.
+fn p50_p99(mut samples: Vec<u64>) -> (f64, f64) {
     samples.sort_unstable();
     let pick =
         |q: f64| samples[((samples.len() as f64 * q) as usize).min(samples.len() - 1)] as f64 / 1e6;
@@ -387,7 +423,7 @@ async fn latency_amqprs(url: &str) -> (f64, f64) {
         )
         .await
         .unwrap();
-    let epoch = Instant::now();
+    let pacer = Pacer::new();
     let total = LATENCY_RATE * LATENCY_SECS;
     let collector = tokio::spawn(async move {
         let mut samples = Vec::with_capacity(total as usize);
@@ -395,21 +431,14 @@ async fn latency_amqprs(url: &str) -> (f64, f64) {
             let Ok(Some(m)) = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await else {
                 break;
             };
-            let data = m.content.unwrap_or_default();
-            let sent = u64::from_be_bytes(data[..8].try_into().unwrap());
-            samples.push(epoch.elapsed().as_nanos() as u64 - sent);
+            samples.push(pacer.latency_of(&m.content.unwrap_or_default()));
         }
         samples
     });
-    let interval = Duration::from_nanos(1_000_000_000 / LATENCY_RATE);
     for i in 0..total {
-        let due = epoch + interval * i as u32;
-        let now = Instant::now();
-        if due > now {
-            tokio::time::sleep(due - now).await;
-        }
+        pacer.wait_turn(i).await;
         let mut body = vec![0u8; BODY];
-        body[..8].copy_from_slice(&(epoch.elapsed().as_nanos() as u64).to_be_bytes());
+        pacer.stamp(&mut body);
         ch.basic_publish(
             amqprs::BasicProperties::default(),
             body,
@@ -418,14 +447,11 @@ async fn latency_amqprs(url: &str) -> (f64, f64) {
         .await
         .unwrap();
     }
-    let mut samples = collector.await.unwrap();
+    let samples = collector.await.unwrap();
     let _ = ch.queue_delete(QueueDeleteArguments::new(&queue)).await;
     let _ = ch.close().await;
     let _ = cch.close().await;
     let _ = conn.close().await;
     let _ = cconn.close().await;
-    samples.sort_unstable();
-    let pick =
-        |q: f64| samples[((samples.len() as f64 * q) as usize).min(samples.len() - 1)] as f64 / 1e6;
-    (pick(0.50), pick(0.99))
+    p50_p99(samples)
 }

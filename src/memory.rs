@@ -13,15 +13,13 @@ use crate::amqp::Broker;
 /// How often resident memory is sampled.
 const SAMPLE_EVERY: Duration = Duration::from_millis(250);
 
-/// Resident set size of this process, in bytes (Linux `/proc/self/statm`).
+/// Resident set size of this process, in bytes (`VmRSS` in `/proc/self/status`, which is
+/// already in kB whatever the page size).
 pub fn resident_bytes() -> Option<u64> {
-    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
-    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
-    Some(pages * page_size())
-}
-
-fn page_size() -> u64 {
-    4096
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 /// Physical memory of the machine, in bytes (`/proc/meminfo`).
