@@ -559,13 +559,12 @@ impl Channel {
         Ok(())
     }
 
-    /// `channel.flow`: RabbitMQ only accepts active=true from clients.
+    /// `channel.flow`: RabbitMQ only accepts active=true from clients, and a channel never
+    /// stops, so there is nothing to change.
     pub fn flow(&mut self, active: bool) -> AmqpResult<()> {
         if !active {
             return Err(AmqpError::not_implemented("active=false"));
         }
-        self.shared.set_flow(true);
-        self.shared.redispatch([]);
         Ok(())
     }
 

@@ -63,7 +63,7 @@ impl Consumer {
     /// Whether this consumer could take one more message now (checked under the queue lock).
     pub fn has_credit(&self) -> bool {
         let ch = &self.channel;
-        if !ch.flow_active.load(Ordering::Relaxed) || ch.closed.load(Ordering::Relaxed) {
+        if ch.closed.load(Ordering::Relaxed) {
             return false;
         }
         if self.no_ack {
@@ -128,8 +128,6 @@ pub struct ChannelShared {
     unacked_total: AtomicU32,
     /// `basic.qos global=true`: a limit shared by the channel's consumers, 0 = unlimited.
     global_prefetch: AtomicU32,
-    /// `channel.flow`: false stops deliveries.
-    flow_active: AtomicBool,
     /// Set once the channel is closing: queues stop delivering to it.
     closed: AtomicBool,
     /// The channel's consumers by tag. Queues remove entries when they cancel a consumer.
@@ -151,7 +149,6 @@ impl ChannelShared {
             deliveries: Mutex::new(DeliveryState::default()),
             unacked_total: AtomicU32::new(0),
             global_prefetch: AtomicU32::new(0),
-            flow_active: AtomicBool::new(true),
             closed: AtomicBool::new(false),
             consumers: Mutex::new(HashMap::new()),
         })
@@ -164,10 +161,6 @@ impl ChannelShared {
 
     pub fn set_global_prefetch(&self, n: u32) {
         self.global_prefetch.store(n, Ordering::Relaxed);
-    }
-
-    pub fn set_flow(&self, active: bool) {
-        self.flow_active.store(active, Ordering::Relaxed);
     }
 
     pub fn mark_closed(&self) {
