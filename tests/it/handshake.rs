@@ -63,6 +63,21 @@ fn start_ok(mechanism: &str, response: &[u8], auth_failure_close: bool) -> AMQPC
     }))
 }
 
+/// Connects, sends the header, expects `connection.start` and answers it with this
+/// `start-ok`.
+async fn send_start_ok(
+    server: &TestServer,
+    mechanism: &str,
+    response: &[u8],
+    auth_failure_close: bool,
+) -> RawClient {
+    let mut raw = RawClient::connect(server.addr).await;
+    begin(&mut raw).await;
+    raw.send_method(0, start_ok(mechanism, response, auth_failure_close))
+        .await;
+    raw
+}
+
 /// The AMQPLAIN response: a field table of LOGIN and PASSWORD longstrs, without the 4-byte
 /// table length.
 fn amqplain_response(login: &str, password: &str) -> Vec<u8> {
@@ -101,6 +116,15 @@ async fn tune_and_open(raw: &mut RawClient, vhost: &str) -> Option<(u16, AMQPCla
     )
     .await;
     raw.method().await
+}
+
+/// Like [`tune_and_open`], but expects the server to answer `connection.open` with
+/// `connection.close`, and returns it.
+async fn open_refused(raw: &mut RawClient, vhost: &str) -> c::Close {
+    match tune_and_open(raw, vhost).await {
+        Some((0, AMQPClass::Connection(c::AMQPMethod::Close(close)))) => close,
+        other => panic!("expected connection.close at open of {vhost:?}, got {other:?}"),
+    }
 }
 
 /// Expects `connection.close` on channel 0 and returns it.
@@ -334,10 +358,7 @@ async fn plain_and_amqplain_both_log_in() {
         ("PLAIN", b"\0guest\0guest".to_vec()),
         ("AMQPLAIN", amqplain_response("guest", "guest")),
     ] {
-        let mut raw = RawClient::connect(server.addr).await;
-        begin(&mut raw).await;
-        raw.send_method(0, start_ok(mechanism, &response, true))
-            .await;
+        let mut raw = send_start_ok(&server, mechanism, &response, true).await;
         match tune_and_open(&mut raw, "/").await {
             Some((0, AMQPClass::Connection(c::AMQPMethod::OpenOk(_)))) => {}
             other => panic!("{mechanism}: expected open-ok, got {other:?}"),
@@ -410,10 +431,7 @@ async fn auth_failure_close_capability_gets_403_close() {
         ("PLAIN", b"\0guest\0nope".to_vec()),
         ("AMQPLAIN", amqplain_response("guest", "nope")),
     ] {
-        let mut raw = RawClient::connect(server.addr).await;
-        begin(&mut raw).await;
-        raw.send_method(0, start_ok(mechanism, &response, true))
-            .await;
+        let mut raw = send_start_ok(&server, mechanism, &response, true).await;
         let close = connection_close(&mut raw).await;
         assert_eq!(close.reply_code, 403, "{close:?}");
         assert_eq!(
@@ -431,10 +449,7 @@ async fn auth_failure_close_capability_gets_403_close() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn auth_failure_without_capability_just_closes_the_socket() {
     let server = TestServer::start().await;
-    let mut raw = RawClient::connect(server.addr).await;
-    begin(&mut raw).await;
-    raw.send_method(0, start_ok("PLAIN", b"\0guest\0nope", false))
-        .await;
+    let mut raw = send_start_ok(&server, "PLAIN", b"\0guest\0nope", false).await;
     let rest = raw.wait_closed(WAIT).await.expect("socket closed");
     assert!(
         rest.is_empty(),
@@ -446,9 +461,7 @@ async fn auth_failure_without_capability_just_closes_the_socket() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_mechanism_gets_503_and_malformed_response_502() {
     let server = TestServer::start().await;
-    let mut raw = RawClient::connect(server.addr).await;
-    begin(&mut raw).await;
-    raw.send_method(0, start_ok("EXTERNAL", b"", true)).await;
+    let mut raw = send_start_ok(&server, "EXTERNAL", b"", true).await;
     let close = connection_close(&mut raw).await;
     assert_eq!(close.reply_code, 503, "{close:?}");
     assert_eq!(
@@ -457,10 +470,7 @@ async fn unknown_mechanism_gets_503_and_malformed_response_502() {
     );
     answer_close(&mut raw).await;
 
-    let mut raw = RawClient::connect(server.addr).await;
-    begin(&mut raw).await;
-    raw.send_method(0, start_ok("PLAIN", b"guest-without-nuls", true))
-        .await;
+    let mut raw = send_start_ok(&server, "PLAIN", b"guest-without-nuls", true).await;
     let close = connection_close(&mut raw).await;
     assert_eq!(close.reply_code, 502, "{close:?}");
     answer_close(&mut raw).await;
@@ -561,21 +571,14 @@ async fn connection_open_checks_vhost_existence_and_user_access() {
     .await;
 
     // A vhost that does not exist.
-    let mut raw = RawClient::connect(server.addr).await;
-    begin(&mut raw).await;
-    raw.send_method(0, start_ok("PLAIN", b"\0guest\0guest", true))
-        .await;
-    match tune_and_open(&mut raw, "nope").await {
-        Some((0, AMQPClass::Connection(c::AMQPMethod::Close(close)))) => {
-            assert_eq!(close.reply_code, 530);
-            assert_eq!(
-                close.reply_text.as_str(),
-                "NOT_ALLOWED - vhost nope not found"
-            );
-            assert_eq!((close.class_id, close.method_id), (10, 40));
-        }
-        other => panic!("expected connection.close 530, got {other:?}"),
-    }
+    let mut raw = send_start_ok(&server, "PLAIN", b"\0guest\0guest", true).await;
+    let close = open_refused(&mut raw, "nope").await;
+    assert_eq!(close.reply_code, 530);
+    assert_eq!(
+        close.reply_text.as_str(),
+        "NOT_ALLOWED - vhost nope not found"
+    );
+    assert_eq!((close.class_id, close.method_id), (10, 40));
     answer_close(&mut raw).await;
 
     // The configured vhost opens for a user allowed on it.
@@ -586,20 +589,13 @@ async fn connection_open_checks_vhost_existence_and_user_access() {
     conn.close(200, "bye".into()).await.unwrap();
 
     // Users whose vhost list lacks it are refused.
-    let mut raw = RawClient::connect(server.addr).await;
-    begin(&mut raw).await;
-    raw.send_method(0, start_ok("PLAIN", b"\0guest\0guest", true))
-        .await;
-    match tune_and_open(&mut raw, "lab").await {
-        Some((0, AMQPClass::Connection(c::AMQPMethod::Close(close)))) => {
-            assert_eq!(close.reply_code, 530);
-            assert_eq!(
-                close.reply_text.as_str(),
-                "NOT_ALLOWED - access to vhost 'lab' refused for user 'guest'"
-            );
-        }
-        other => panic!("expected connection.close 530, got {other:?}"),
-    }
+    let mut raw = send_start_ok(&server, "PLAIN", b"\0guest\0guest", true).await;
+    let close = open_refused(&mut raw, "lab").await;
+    assert_eq!(close.reply_code, 530);
+    assert_eq!(
+        close.reply_text.as_str(),
+        "NOT_ALLOWED - access to vhost 'lab' refused for user 'guest'"
+    );
     answer_close(&mut raw).await;
     let err = lapin_connect(&lapin_url(&server, "labuser", "pw", "%2f"))
         .await
@@ -953,21 +949,14 @@ async fn connections_above_max_connections_are_refused_with_530() {
     })
     .await;
 
-    let mut raw = RawClient::connect(server.addr).await;
-    begin(&mut raw).await;
-    raw.send_method(0, start_ok("PLAIN", b"\0guest\0guest", true))
-        .await;
-    match tune_and_open(&mut raw, "/").await {
-        Some((0, AMQPClass::Connection(c::AMQPMethod::Close(close)))) => {
-            assert_eq!(close.reply_code, 530, "{close:?}");
-            assert!(
-                close.reply_text.as_str().contains("connection limit"),
-                "{close:?}"
-            );
-            assert_eq!((close.class_id, close.method_id), (10, 40));
-        }
-        other => panic!("expected connection.close 530 at open, got {other:?}"),
-    }
+    let mut raw = send_start_ok(&server, "PLAIN", b"\0guest\0guest", true).await;
+    let close = open_refused(&mut raw, "/").await;
+    assert_eq!(close.reply_code, 530, "{close:?}");
+    assert!(
+        close.reply_text.as_str().contains("connection limit"),
+        "{close:?}"
+    );
+    assert_eq!((close.class_id, close.method_id), (10, 40));
     answer_close(&mut raw).await;
     let err = lapin_connect(&server.url())
         .await

@@ -511,6 +511,12 @@ pub fn expect_lapin_error<T>(what: &str, result: lapin::Result<T>, code: u16) ->
     }
 }
 
+/// Asserts that `result` is the broker's error `code` with exactly the reply `text`.
+pub fn expect_lapin_reply<T>(what: &str, result: lapin::Result<T>, code: u16, text: &str) {
+    let got = expect_lapin_error(what, result, code);
+    assert_eq!(got, text, "{what}");
+}
+
 // ---- amqprs callbacks, shared by tests/it/basic.rs and tests/it/topology.rs ---------------
 
 /// What amqprs callbacks report, forwarded to the test.

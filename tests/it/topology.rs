@@ -14,8 +14,8 @@ use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Channel, Connection, ExchangeKind};
 
 use crate::support::{
-    amqprs_watched_channel, declare_queue, expect_amqprs_close, expect_lapin_error, lapin_reply,
-    publish_confirmed, within, TestServer,
+    amqprs_watched_channel, declare_queue, expect_amqprs_close, expect_lapin_error,
+    expect_lapin_reply, lapin_reply, publish_confirmed, within, TestServer,
 };
 
 const ACCESS_REFUSED: u16 = 403;
@@ -176,6 +176,24 @@ async fn rs_publish(ch: &AmqprsChannel, exchange: &str, key: &str, body: &str) {
     .unwrap_or_else(|e| panic!("publish to {exchange:?} with {key:?}: {e}"));
 }
 
+/// Starts an auto-ack consumer; returns its tag and its delivery receiver.
+async fn rs_consume(
+    ch: &AmqprsChannel,
+    queue: &str,
+    tag: &str,
+) -> (
+    String,
+    tokio::sync::mpsc::UnboundedReceiver<amqprs::channel::ConsumerMessage>,
+) {
+    ch.basic_consume_rx(
+        BasicConsumeArguments::new(queue, tag)
+            .auto_ack(true)
+            .finish(),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("consume {queue} as {tag}: {e}"))
+}
+
 async fn rs_drain(ch: &AmqprsChannel, queue: &str) -> Vec<String> {
     let mut out = Vec::new();
     while let Some((_, _, body)) = ch
@@ -237,7 +255,7 @@ async fn predeclared_exchanges_exist() {
     assert_eq!(drain(&ch, &q).await, ["to the default exchange"]);
 
     let ch2 = channel(&conn).await;
-    let text = expect_lapin_error(
+    expect_lapin_reply(
         "passive declare of the default exchange",
         ch2.exchange_declare(
             "".into(),
@@ -250,10 +268,7 @@ async fn predeclared_exchanges_exist() {
         )
         .await,
         ACCESS_REFUSED,
-    );
-    assert_eq!(
-        text,
-        "ACCESS_REFUSED - operation not permitted on the default exchange"
+        "ACCESS_REFUSED - operation not permitted on the default exchange",
     );
     conn.close(200, "bye".into()).await.unwrap();
     server.stop().await;
@@ -499,7 +514,7 @@ async fn exchange_passive_flags_internal_and_auto_delete() {
     let server = TestServer::start().await;
     let conn = server.lapin().await;
     let ch = channel(&conn).await;
-    let text = expect_lapin_error(
+    expect_lapin_reply(
         "passive declare of a missing exchange",
         ch.exchange_declare(
             "no-such-exchange".into(),
@@ -512,10 +527,7 @@ async fn exchange_passive_flags_internal_and_auto_delete() {
         )
         .await,
         NOT_FOUND,
-    );
-    assert_eq!(
-        text,
-        "NOT_FOUND - no exchange 'no-such-exchange' in vhost '/'"
+        "NOT_FOUND - no exchange 'no-such-exchange' in vhost '/'",
     );
 
     let ch = channel(&conn).await;
@@ -554,14 +566,11 @@ async fn exchange_passive_flags_internal_and_auto_delete() {
     assert_eq!(drain(&ch, "behind-internal").await, ["through amq.fanout"]);
 
     let pch = channel(&conn).await;
-    let text = expect_lapin_error(
+    expect_lapin_reply(
         "publish to an internal exchange",
         publish_confirmed(&pch, "flagged", "", b"refused").await,
         ACCESS_REFUSED,
-    );
-    assert_eq!(
-        text,
-        "ACCESS_REFUSED - cannot publish to internal exchange 'flagged' in vhost '/'"
+        "ACCESS_REFUSED - cannot publish to internal exchange 'flagged' in vhost '/'",
     );
     assert!(drain(&ch, "behind-internal").await.is_empty());
 
@@ -777,7 +786,7 @@ async fn exchange_to_exchange_bind_and_unbind() {
     // The default exchange cannot be either end of an exchange-to-exchange binding.
     for (dst, src) in [("", "e2e.src"), ("e2e.mid", "")] {
         let ch = channel(&conn).await;
-        let text = expect_lapin_error(
+        expect_lapin_reply(
             "exchange.bind with the default exchange",
             ch.exchange_bind(
                 dst.into(),
@@ -788,10 +797,7 @@ async fn exchange_to_exchange_bind_and_unbind() {
             )
             .await,
             ACCESS_REFUSED,
-        );
-        assert_eq!(
-            text,
-            "ACCESS_REFUSED - operation not permitted on the default exchange"
+            "ACCESS_REFUSED - operation not permitted on the default exchange",
         );
     }
     // A missing source or destination is 404.
@@ -823,49 +829,43 @@ async fn reserved_names_and_default_exchange_rules() {
     let none = FieldTable::default;
 
     let ch = channel(&conn).await;
-    let text = expect_lapin_error(
+    expect_lapin_reply(
         "declare amq.foo",
         ch.exchange_declare("amq.foo".into(), ExchangeKind::Direct, opts, none())
             .await,
         ACCESS_REFUSED,
-    );
-    assert_eq!(
-        text,
-        "ACCESS_REFUSED - exchange name 'amq.foo' contains reserved prefix 'amq.*'"
+        "ACCESS_REFUSED - exchange name 'amq.foo' contains reserved prefix 'amq.*'",
     );
 
     let ch = channel(&conn).await;
-    let text = expect_lapin_error(
+    expect_lapin_reply(
         "delete amq.direct",
         ch.exchange_delete("amq.direct".into(), ExchangeDeleteOptions::default())
             .await,
         ACCESS_REFUSED,
-    );
-    assert_eq!(
-        text,
-        "ACCESS_REFUSED - deletion of system exchange 'amq.direct' in vhost '/' not allowed"
+        "ACCESS_REFUSED - deletion of system exchange 'amq.direct' in vhost '/' not allowed",
     );
 
     let default_refused = "ACCESS_REFUSED - operation not permitted on the default exchange";
     let ch = channel(&conn).await;
-    let text = expect_lapin_error(
+    expect_lapin_reply(
         "declare the default exchange",
         ch.exchange_declare("".into(), ExchangeKind::Direct, opts, none())
             .await,
         ACCESS_REFUSED,
+        default_refused,
     );
-    assert_eq!(text, default_refused);
     let ch = channel(&conn).await;
-    let text = expect_lapin_error(
+    expect_lapin_reply(
         "delete the default exchange",
         ch.exchange_delete("".into(), ExchangeDeleteOptions::default())
             .await,
         ACCESS_REFUSED,
+        default_refused,
     );
-    assert_eq!(text, default_refused);
     let ch = channel(&conn).await;
     declare_queue(&ch, "rq").await;
-    let text = expect_lapin_error(
+    expect_lapin_reply(
         "bind to the default exchange",
         ch.queue_bind(
             "rq".into(),
@@ -876,19 +876,19 @@ async fn reserved_names_and_default_exchange_rules() {
         )
         .await,
         ACCESS_REFUSED,
+        default_refused,
     );
-    assert_eq!(text, default_refused);
     let ch = channel(&conn).await;
-    let text = expect_lapin_error(
+    expect_lapin_reply(
         "unbind from the default exchange",
         ch.queue_unbind("rq".into(), "".into(), "rq".into(), none())
             .await,
         ACCESS_REFUSED,
+        default_refused,
     );
-    assert_eq!(text, default_refused);
 
     let ch = channel(&conn).await;
-    let text = expect_lapin_error(
+    expect_lapin_reply(
         "unknown exchange type",
         ch.exchange_declare(
             "typed".into(),
@@ -898,26 +898,20 @@ async fn reserved_names_and_default_exchange_rules() {
         )
         .await,
         PRECONDITION_FAILED,
-    );
-    assert_eq!(
-        text,
-        "PRECONDITION_FAILED - unknown exchange type 'x-no-such-type'"
+        "PRECONDITION_FAILED - unknown exchange type 'x-no-such-type'",
     );
 
     let ch = channel(&conn).await;
     declare_exchange(&ch, "shape", ExchangeKind::Direct).await;
-    let text = expect_lapin_error(
+    expect_lapin_reply(
         "redeclare with another type",
         ch.exchange_declare("shape".into(), ExchangeKind::Fanout, opts, none())
             .await,
         PRECONDITION_FAILED,
-    );
-    assert_eq!(
-        text,
-        "PRECONDITION_FAILED - inequivalent arg 'type' for exchange 'shape' in vhost '/': received 'fanout' but current is 'direct'"
+        "PRECONDITION_FAILED - inequivalent arg 'type' for exchange 'shape' in vhost '/': received 'fanout' but current is 'direct'",
     );
     let ch = channel(&conn).await;
-    let text = expect_lapin_error(
+    expect_lapin_reply(
         "redeclare durable",
         ch.exchange_declare(
             "shape".into(),
@@ -930,10 +924,7 @@ async fn reserved_names_and_default_exchange_rules() {
         )
         .await,
         PRECONDITION_FAILED,
-    );
-    assert_eq!(
-        text,
-        "PRECONDITION_FAILED - inequivalent arg 'durable' for exchange 'shape' in vhost '/': received 'true' but current is 'false'"
+        "PRECONDITION_FAILED - inequivalent arg 'durable' for exchange 'shape' in vhost '/': received 'true' but current is 'false'",
     );
     // The failed redeclares changed nothing: an equivalent one is still fine.
     let ch = channel(&conn).await;
@@ -941,14 +932,11 @@ async fn reserved_names_and_default_exchange_rules() {
 
     // Publishing to a missing exchange closes the channel with 404; the confirm reports it.
     let ch = channel(&conn).await;
-    let text = expect_lapin_error(
+    expect_lapin_reply(
         "publish to a missing exchange",
         publish_confirmed(&ch, "no-such-exchange", "k", b"lost").await,
         NOT_FOUND,
-    );
-    assert_eq!(
-        text,
-        "NOT_FOUND - no exchange 'no-such-exchange' in vhost '/'"
+        "NOT_FOUND - no exchange 'no-such-exchange' in vhost '/'",
     );
     assert!(
         ch.basic_get("rq".into(), BasicGetOptions::default())
@@ -972,7 +960,7 @@ async fn queue_passive_server_named_and_reserved() {
     let server = TestServer::start().await;
     let conn = server.lapin().await;
     let ch = channel(&conn).await;
-    let text = expect_lapin_error(
+    expect_lapin_reply(
         "passive declare of a missing queue",
         ch.queue_declare(
             "no-such-queue".into(),
@@ -984,8 +972,8 @@ async fn queue_passive_server_named_and_reserved() {
         )
         .await,
         NOT_FOUND,
+        "NOT_FOUND - no queue 'no-such-queue' in vhost '/'",
     );
-    assert_eq!(text, "NOT_FOUND - no queue 'no-such-queue' in vhost '/'");
 
     let ch = channel(&conn).await;
     let a = declare_queue(&ch, "").await;
@@ -997,7 +985,7 @@ async fn queue_passive_server_named_and_reserved() {
     publish(&ch, "", &a, "to a server-named queue").await;
     assert_eq!(drain(&ch, &a).await, ["to a server-named queue"]);
 
-    let text = expect_lapin_error(
+    expect_lapin_reply(
         "declare amq.x",
         ch.queue_declare(
             "amq.x".into(),
@@ -1006,10 +994,7 @@ async fn queue_passive_server_named_and_reserved() {
         )
         .await,
         ACCESS_REFUSED,
-    );
-    assert_eq!(
-        text,
-        "ACCESS_REFUSED - queue name 'amq.x' contains reserved prefix 'amq.*'"
+        "ACCESS_REFUSED - queue name 'amq.x' contains reserved prefix 'amq.*'",
     );
     assert!(!queue_exists(&conn, "amq.x").await);
 
@@ -1027,7 +1012,7 @@ async fn queue_passive_server_named_and_reserved() {
         .await
         .unwrap();
     assert_eq!(passive.name().as_str(), a);
-    let text = expect_lapin_error(
+    expect_lapin_reply(
         "redeclare amq.gen-*",
         ch.queue_declare(
             a.as_str().into(),
@@ -1036,10 +1021,7 @@ async fn queue_passive_server_named_and_reserved() {
         )
         .await,
         ACCESS_REFUSED,
-    );
-    assert_eq!(
-        text,
-        format!("ACCESS_REFUSED - queue name '{a}' contains reserved prefix 'amq.*'")
+        &format!("ACCESS_REFUSED - queue name '{a}' contains reserved prefix 'amq.*'"),
     );
     conn.close(200, "bye".into()).await.unwrap();
     server.stop().await;
@@ -1101,14 +1083,11 @@ async fn queue_redeclare_equivalence_and_counts() {
     let q = declare(ch.clone(), false, args()).await.unwrap();
     assert_eq!((q.message_count(), q.consumer_count()), (2, 1));
 
-    let text = expect_lapin_error(
+    expect_lapin_reply(
         "redeclare durable",
         declare(channel(&conn).await, true, args()).await,
         PRECONDITION_FAILED,
-    );
-    assert_eq!(
-        text,
-        "PRECONDITION_FAILED - inequivalent arg 'durable' for queue 'eq' in vhost '/': received 'true' but current is 'false'"
+        "PRECONDITION_FAILED - inequivalent arg 'durable' for queue 'eq' in vhost '/': received 'true' but current is 'false'",
     );
     let text = expect_lapin_error(
         "redeclare with another x-max-length",
@@ -1247,7 +1226,7 @@ async fn queue_purge_and_delete() {
     for i in 0..2 {
         publish(&ch, "", "pq", &format!("n{i}")).await;
     }
-    let text = expect_lapin_error(
+    expect_lapin_reply(
         "delete if-empty with messages",
         channel(&conn)
             .await
@@ -1260,10 +1239,7 @@ async fn queue_purge_and_delete() {
             )
             .await,
         PRECONDITION_FAILED,
-    );
-    assert_eq!(
-        text,
-        "PRECONDITION_FAILED - queue 'pq' in vhost '/' not empty"
+        "PRECONDITION_FAILED - queue 'pq' in vhost '/' not empty",
     );
 
     let cch = channel(&conn).await;
@@ -1278,7 +1254,7 @@ async fn queue_purge_and_delete() {
         )
         .await
         .unwrap();
-    let text = expect_lapin_error(
+    expect_lapin_reply(
         "delete if-unused with a consumer",
         channel(&conn)
             .await
@@ -1291,10 +1267,7 @@ async fn queue_purge_and_delete() {
             )
             .await,
         PRECONDITION_FAILED,
-    );
-    assert_eq!(
-        text,
-        "PRECONDITION_FAILED - queue 'used' in vhost '/' in use"
+        "PRECONDITION_FAILED - queue 'used' in vhost '/' in use",
     );
     assert!(queue_exists(&conn, "used").await);
 
@@ -1341,14 +1314,14 @@ async fn empty_queue_name_means_the_last_declared_queue() {
     let no_previous = "NOT_FOUND - no previously declared queue";
 
     let ch = channel(&conn).await;
-    let text = expect_lapin_error(
+    expect_lapin_reply(
         "basic.get \"\" with nothing declared",
         ch.basic_get("".into(), BasicGetOptions::default()).await,
         NOT_FOUND,
+        no_previous,
     );
-    assert_eq!(text, no_previous);
     let ch = channel(&conn).await;
-    let text = expect_lapin_error(
+    expect_lapin_reply(
         "queue.bind \"\" with nothing declared",
         ch.queue_bind(
             "".into(),
@@ -1359,26 +1332,26 @@ async fn empty_queue_name_means_the_last_declared_queue() {
         )
         .await,
         NOT_FOUND,
+        no_previous,
     );
-    assert_eq!(text, no_previous);
     let ch = channel(&conn).await;
-    let text = expect_lapin_error(
+    expect_lapin_reply(
         "queue.purge \"\" with nothing declared",
         ch.queue_purge("".into(), QueuePurgeOptions::default())
             .await,
         NOT_FOUND,
+        no_previous,
     );
-    assert_eq!(text, no_previous);
     let ch = channel(&conn).await;
-    let text = expect_lapin_error(
+    expect_lapin_reply(
         "queue.delete \"\" with nothing declared",
         ch.queue_delete("".into(), QueueDeleteOptions::default())
             .await,
         NOT_FOUND,
+        no_previous,
     );
-    assert_eq!(text, no_previous);
     let ch = channel(&conn).await;
-    let text = expect_lapin_error(
+    expect_lapin_reply(
         "basic.consume \"\" with nothing declared",
         ch.basic_consume(
             "".into(),
@@ -1388,8 +1361,8 @@ async fn empty_queue_name_means_the_last_declared_queue() {
         )
         .await,
         NOT_FOUND,
+        no_previous,
     );
-    assert_eq!(text, no_previous);
 
     let ch = channel(&conn).await;
     let name = declare_queue(&ch, "").await;
@@ -1483,52 +1456,51 @@ async fn exclusive_queue_is_locked_to_its_connection() {
     assert_eq!(drain(&och, "excl").await, ["for the owner"]);
 
     let other = server.amqprs().await;
-    let locked =
-        "RESOURCE_LOCKED - cannot obtain exclusive access to locked queue 'excl' in vhost '/'";
+    /// Asserts that `result` failed because the broker closed the watched channel with
+    /// 405 RESOURCE_LOCKED for the exclusive queue "excl".
+    async fn expect_locked<T, E>(
+        what: &str,
+        result: Result<T, E>,
+        closes: &mut tokio::sync::mpsc::UnboundedReceiver<crate::support::Ev>,
+    ) {
+        assert!(result.is_err(), "{what}: expected an error");
+        let text = expect_amqprs_close(what, closes, RESOURCE_LOCKED).await;
+        let locked =
+            "RESOURCE_LOCKED - cannot obtain exclusive access to locked queue 'excl' in vhost '/'";
+        assert!(text.starts_with(locked), "{what}: {text}");
+    }
 
     let (ch, mut closes) = amqprs_watched_channel(&other).await;
-    assert!(ch
-        .queue_declare(QueueDeclareArguments::new("excl"))
-        .await
-        .is_err());
-    let text = expect_amqprs_close("declare", &mut closes, RESOURCE_LOCKED).await;
-    assert!(text.starts_with(locked), "{text}");
+    let result = ch.queue_declare(QueueDeclareArguments::new("excl")).await;
+    expect_locked("declare", result, &mut closes).await;
 
     let (ch, mut closes) = amqprs_watched_channel(&other).await;
-    assert!(ch
+    let result = ch
         .queue_declare(QueueDeclareArguments::new("excl").passive(true).finish())
-        .await
-        .is_err());
-    let text = expect_amqprs_close("passive declare", &mut closes, RESOURCE_LOCKED).await;
-    assert!(text.starts_with(locked), "{text}");
+        .await;
+    expect_locked("passive declare", result, &mut closes).await;
 
     let (ch, mut closes) = amqprs_watched_channel(&other).await;
-    assert!(ch
+    let result = ch
         .basic_consume_rx(BasicConsumeArguments::new("excl", "thief"))
-        .await
-        .is_err());
-    let text = expect_amqprs_close("consume", &mut closes, RESOURCE_LOCKED).await;
-    assert!(text.starts_with(locked), "{text}");
+        .await;
+    expect_locked("consume", result, &mut closes).await;
 
     let (ch, mut closes) = amqprs_watched_channel(&other).await;
-    assert!(ch.basic_get(BasicGetArguments::new("excl")).await.is_err());
-    let text = expect_amqprs_close("get", &mut closes, RESOURCE_LOCKED).await;
-    assert!(text.starts_with(locked), "{text}");
+    let result = ch.basic_get(BasicGetArguments::new("excl")).await;
+    expect_locked("get", result, &mut closes).await;
 
     let (ch, mut closes) = amqprs_watched_channel(&other).await;
-    assert!(ch
+    let result = ch
         .queue_bind(QueueBindArguments::new("excl", "amq.direct", "k"))
-        .await
-        .is_err());
-    let text = expect_amqprs_close("bind", &mut closes, RESOURCE_LOCKED).await;
-    assert!(text.starts_with(locked), "{text}");
+        .await;
+    expect_locked("bind", result, &mut closes).await;
 
     let (ch, mut closes) = amqprs_watched_channel(&other).await;
     let mut del = amqprs::channel::QueueDeleteArguments::new("excl");
     del.if_unused = false;
-    assert!(ch.queue_delete(del).await.is_err());
-    let text = expect_amqprs_close("delete", &mut closes, RESOURCE_LOCKED).await;
-    assert!(text.starts_with(locked), "{text}");
+    let result = ch.queue_delete(del).await;
+    expect_locked("delete", result, &mut closes).await;
 
     // The owner still has it, and closing the owner deletes it.
     publish(&och, "", "excl", "still here").await;
@@ -1583,22 +1555,8 @@ async fn auto_delete_queue_goes_with_its_last_consumer() {
     };
 
     rs_declare_queue(&ch, QueueDeclareArguments::transient_autodelete("ad")).await;
-    let (c1, _rx1) = ch
-        .basic_consume_rx(
-            BasicConsumeArguments::new("ad", "c1")
-                .auto_ack(true)
-                .finish(),
-        )
-        .await
-        .unwrap();
-    let (c2, _rx2) = ch
-        .basic_consume_rx(
-            BasicConsumeArguments::new("ad", "c2")
-                .auto_ack(true)
-                .finish(),
-        )
-        .await
-        .unwrap();
+    let (c1, _rx1) = rs_consume(&ch, "ad", "c1").await;
+    let (c2, _rx2) = rs_consume(&ch, "ad", "c2").await;
     assert_eq!(exists("ad").await, Some(2));
     ch.basic_cancel(BasicCancelArguments::new(&c1))
         .await
@@ -1618,28 +1576,14 @@ async fn auto_delete_queue_goes_with_its_last_consumer() {
     // The last consumer goes away with its channel.
     let cch = conn.open_channel(None).await.unwrap();
     rs_declare_queue(&cch, QueueDeclareArguments::transient_autodelete("ad-chan")).await;
-    let (_c, _rx) = cch
-        .basic_consume_rx(
-            BasicConsumeArguments::new("ad-chan", "c")
-                .auto_ack(true)
-                .finish(),
-        )
-        .await
-        .unwrap();
+    let (_c, _rx) = rs_consume(&cch, "ad-chan", "c").await;
     assert_eq!(exists("ad-chan").await, Some(1));
     cch.close().await.unwrap();
     assert_eq!(exists("ad-chan").await, None);
 
     // A non-auto-delete queue stays after its consumer leaves.
     rs_declare_queue(&ch, QueueDeclareArguments::new("plain")).await;
-    let (c, _rx) = ch
-        .basic_consume_rx(
-            BasicConsumeArguments::new("plain", "c")
-                .auto_ack(true)
-                .finish(),
-        )
-        .await
-        .unwrap();
+    let (c, _rx) = rs_consume(&ch, "plain", "c").await;
     ch.basic_cancel(BasicCancelArguments::new(&c))
         .await
         .unwrap();
