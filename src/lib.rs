@@ -1,18 +1,27 @@
 //! mqic: the MQI Communicator in one binary.
 //!
 //! Module map, in reading order:
-//! - [`cli`]: the command line (`mqic serve`, `mqic config`, `mqic version`).
+//! - [`cli`]: the command line (`mqic serve`, `mqic demo`, `mqic worker`, `mqic config`, ...).
 //! - [`config`]: the typed TOML configuration; defaults live in `assets/mqic.toml`.
 //! - [`app`]: start-up as a script of steps, the ready lines, and shutdown with a drain.
 //! - [`amqp`]: the embedded AMQP 0-9-1 broker (codec, connections, channels, exchanges,
 //!   queues) and its in-process API.
 //! - [`memory`]: the memory high watermark that blocks publishers.
-//!
-//! The case pipeline (bus, protocol, store, conductor, workers), the SSH side and the web
-//! dashboard arrive with their own issues; see `../shared/DESIGN.md` for the whole map.
+//! - [`protocol`]: the message contract: envelope, commands, RPC, events, topology.
+//! - [`bus`]: the `Bus` the workflow talks through (embedded broker or a remote one).
+//! - [`store`]: `mqic.redb`: cases, history, GPU leases, the outbox, events, archives.
+//! - [`conductor`]: the case state machine and its driver.
+//! - [`workers`]: scanner, executor, transfer, archiver.
+//! - [`hpc`]: where steps run (the local backend).
 
 pub mod amqp;
 pub mod app;
+pub mod bus;
 pub mod cli;
+pub mod conductor;
 pub mod config;
+pub mod hpc;
 pub mod memory;
+pub mod protocol;
+pub mod store;
+pub mod workers;

@@ -12,8 +12,15 @@ use serde::{Deserialize, Deserializer};
 use crate::amqp::auth::{self, User, Users};
 use crate::amqp::broker::Limits;
 
+pub mod pipeline;
+
+pub use pipeline::{
+    ArchiverConfig, BrokerConfig, ConductorConfig, ExecutorConfig, HostConfig, HostKind,
+    PipelineConfig, RetryPolicy, ScanMode, ScannerConfig, StepConfig, StepKind, WorkflowConfig,
+};
+
 /// The default configuration file, compiled into the binary.
-pub const DEFAULT_TOML: &str = include_str!("../assets/mqic.toml");
+pub const DEFAULT_TOML: &str = include_str!("../../assets/mqic.toml");
 
 /// The whole configuration.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -23,6 +30,13 @@ pub struct Config {
     pub data_dir: PathBuf,
     pub log: LogConfig,
     pub amqp: AmqpConfig,
+    pub broker: BrokerConfig,
+    pub scanner: ScannerConfig,
+    pub conductor: ConductorConfig,
+    pub executor: ExecutorConfig,
+    pub archiver: ArchiverConfig,
+    pub hosts: Vec<HostConfig>,
+    pub workflows: std::collections::BTreeMap<String, WorkflowConfig>,
 }
 
 impl Default for Config {
@@ -31,6 +45,18 @@ impl Default for Config {
             data_dir: PathBuf::from("./mqic-data"),
             log: LogConfig::default(),
             amqp: AmqpConfig::default(),
+            broker: BrokerConfig::default(),
+            scanner: ScannerConfig::default(),
+            conductor: ConductorConfig::default(),
+            executor: ExecutorConfig::default(),
+            archiver: ArchiverConfig::default(),
+            hosts: vec![HostConfig {
+                name: "local".into(),
+                kind: HostKind::Local,
+                work_root: PathBuf::new(),
+                gpus: Vec::new(),
+            }],
+            workflows: Default::default(),
         }
     }
 }
@@ -248,6 +274,9 @@ impl Config {
 
     /// Checks what serde cannot: cross-field rules.
     fn validate(&self, origin: &str) -> Result<(), ConfigError> {
+        self.pipeline()
+            .validate()
+            .map_err(|e| ConfigError(format!("{origin}: {e}")))?;
         let a = &self.amqp;
         let fail =
             |key: &str, why: String| Err(ConfigError(format!("{origin}: amqp.{key}: {why}")));
@@ -282,6 +311,41 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// The pipeline sections, for validation and the workers.
+    pub fn pipeline(&self) -> PipelineConfig<'_> {
+        PipelineConfig {
+            broker: &self.broker,
+            scanner: &self.scanner,
+            hosts: &self.hosts,
+            workflows: &self.workflows,
+            conductor: &self.conductor,
+        }
+    }
+
+    /// The scanned folder.
+    pub fn scan_dir(&self) -> PathBuf {
+        pipeline::resolve(&self.data_dir, &self.scanner.dir, "cases")
+    }
+
+    /// Where downloaded results go.
+    pub fn results_dir(&self) -> PathBuf {
+        pipeline::resolve(&self.data_dir, &self.conductor.results_dir, "results")
+    }
+
+    /// Where store backups go.
+    pub fn backup_dir(&self) -> PathBuf {
+        pipeline::resolve(&self.data_dir, &self.archiver.backup_dir, "backups")
+    }
+
+    /// A host's work root.
+    pub fn work_root(&self, host: &HostConfig) -> PathBuf {
+        pipeline::resolve(
+            &self.data_dir,
+            &host.work_root,
+            &format!("work/{}", host.name),
+        )
     }
 
     /// The broker limits this config sets.
