@@ -150,7 +150,10 @@ impl Delivery {
     }
 
     pub fn nack(self, requeue: bool) {
-        let _ = self.acker.tx.send((self.acker.tag, Settle::Nack { requeue }));
+        let _ = self
+            .acker
+            .tx
+            .send((self.acker.tag, Settle::Nack { requeue }));
     }
 }
 
@@ -189,8 +192,7 @@ pub trait Bus: Send + Sync + 'static {
     fn reply_queue(&self) -> BoxFuture<'_, BusResult<Subscription>>;
 
     /// Binds a queue to an exchange.
-    fn bind(&self, queue: &str, exchange: &str, routing_key: &str)
-        -> BoxFuture<'_, BusResult<()>>;
+    fn bind(&self, queue: &str, exchange: &str, routing_key: &str) -> BoxFuture<'_, BusResult<()>>;
 
     /// Ready messages and consumers of a queue, or `None` if it does not exist.
     fn queue_depth(&self, queue: &str) -> BoxFuture<'_, BusResult<Option<(u32, u32)>>>;

@@ -15,8 +15,9 @@ use crate::amqp::broker::Limits;
 pub mod pipeline;
 
 pub use pipeline::{
-    ArchiverConfig, BrokerConfig, ConductorConfig, ExecutorConfig, HostConfig, HostKind,
-    PipelineConfig, RetryPolicy, ScanMode, ScannerConfig, StepConfig, StepKind, WorkflowConfig,
+    ArchiverConfig, BrokerConfig, ConductorConfig, ExecutorConfig, ExitPolicy, HostConfig,
+    HostKind, PipelineConfig, RetryPolicy, ScanMode, ScannerConfig, StepConfig, StepKind,
+    WorkflowConfig,
 };
 
 /// The default configuration file, compiled into the binary.

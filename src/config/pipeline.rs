@@ -320,7 +320,10 @@ impl PipelineConfig<'_> {
                 return Err(format!("hosts: the name '{}' is used twice", h.name));
             }
         }
-        if !self.workflows.is_empty() && !self.workflows.contains_key(&self.conductor.default_workflow)
+        if !self.workflows.is_empty()
+            && !self
+                .workflows
+                .contains_key(&self.conductor.default_workflow)
         {
             return Err(format!(
                 "conductor.default_workflow: no workflow named '{}'",
@@ -329,7 +332,9 @@ impl PipelineConfig<'_> {
         }
         for (wname, w) in self.workflows {
             if w.steps.is_empty() {
-                return Err(format!("workflows.{wname}.steps: at least one step is needed"));
+                return Err(format!(
+                    "workflows.{wname}.steps: at least one step is needed"
+                ));
             }
             let mut step_names = std::collections::BTreeSet::new();
             for (i, s) in w.steps.iter().enumerate() {
@@ -337,7 +342,12 @@ impl PipelineConfig<'_> {
                 if !step_names.insert(s.name.as_str()) {
                     return Err(format!("{key}.name: '{}' is used twice", s.name));
                 }
-                if s.name.is_empty() || !s.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+                if s.name.is_empty()
+                    || !s
+                        .name
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+                {
                     return Err(format!("{key}.name: use letters, digits, '_' and '-' only"));
                 }
                 let host = self.hosts.iter().find(|h| h.name == s.host);
@@ -362,11 +372,17 @@ impl PipelineConfig<'_> {
                 match s.kind {
                     StepKind::Execute | StepKind::Local => {
                         let Some(command) = &s.command else {
-                            return Err(format!("{key}.command: an {:?} step needs a command", s.kind).to_lowercase());
+                            return Err(format!(
+                                "{key}.command: an {:?} step needs a command",
+                                s.kind
+                            )
+                            .to_lowercase());
                         };
                         Template::parse(command).map_err(|e| format!("{key}.command: {e}"))?;
                         if s.source.is_some() || s.dest.is_some() {
-                            return Err(format!("{key}: source/dest are for upload and download steps"));
+                            return Err(format!(
+                                "{key}: source/dest are for upload and download steps"
+                            ));
                         }
                     }
                     StepKind::Upload | StepKind::Download => {
@@ -383,7 +399,10 @@ impl PipelineConfig<'_> {
                 }
                 for (j, p) in s.progress.iter().chain(&s.retryable_patterns).enumerate() {
                     regex::Regex::new(p).map_err(|e| {
-                        format!("{key}: pattern {j} '{p}' is not a valid regex: {}", e.to_string().lines().last().unwrap_or(""))
+                        format!(
+                            "{key}: pattern {j} '{p}' is not a valid regex: {}",
+                            e.to_string().lines().last().unwrap_or("")
+                        )
                     })?;
                 }
             }

@@ -287,9 +287,9 @@ impl Command {
             Command::ExecutionProgress(p) => Some(&p.step.case_id),
             Command::ExecutionSucceeded(p) => Some(&p.step.case_id),
             Command::CancelStep(p) => Some(&p.step.case_id),
-            Command::SystemMonitor(_)
-            | Command::ArchiveData(_)
-            | Command::WorkerHeartbeat(_) => None,
+            Command::SystemMonitor(_) | Command::ArchiveData(_) | Command::WorkerHeartbeat(_) => {
+                None
+            }
         }
     }
 }
@@ -380,16 +380,13 @@ pub fn decode(body: &[u8]) -> Result<Envelope, DecodeError> {
         return Err(DecodeError::UnknownCommand(raw.command));
     }
     let tagged = serde_json::json!({ "command": raw.command, "payload": raw.payload });
-    let command: Command =
-        serde_json::from_value(tagged).map_err(|e| DecodeError::BadPayload {
-            command: raw.command.clone(),
-            reason: e.to_string(),
-        })?;
+    let command: Command = serde_json::from_value(tagged).map_err(|e| DecodeError::BadPayload {
+        command: raw.command.clone(),
+        reason: e.to_string(),
+    })?;
     Ok(Envelope {
         command,
-        timestamp: raw
-            .timestamp
-            .unwrap_or_else(|| rfc3339(SystemTime::now())),
+        timestamp: raw.timestamp.unwrap_or_else(|| rfc3339(SystemTime::now())),
         correlation_id: raw
             .correlation_id
             .unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
@@ -403,7 +400,8 @@ mod tests {
 
     #[test]
     fn seed_new_case_found_decodes_with_defaults() {
-        let body = br#"{"command":"new_case_found","payload":{"case_id":"c1","case_path":"/data/c1"}}"#;
+        let body =
+            br#"{"command":"new_case_found","payload":{"case_id":"c1","case_path":"/data/c1"}}"#;
         let env = decode(body).unwrap();
         assert_eq!(
             env.command,

@@ -16,6 +16,5 @@ pub mod topology;
 pub use envelope::{
     decode, rfc3339, ArchiveRequest, CancelStep, CaseId, Command, DecodeError, Envelope,
     ExecuteRequest, ExecutionProgress, ExecutionStarted, ExecutionSucceeded, FailureCategory,
-    FailureInfo, FailurePayload, NewCase, StepRef, TransferDone, TransferRequest,
-    WorkerHeartbeat,
+    FailureInfo, FailurePayload, NewCase, StepRef, TransferDone, TransferRequest, WorkerHeartbeat,
 };

@@ -139,8 +139,8 @@ pub enum RequestError {
 /// Parses a request and checks its version and method. The request is returned alongside
 /// the error where it parsed, so the failure reply can carry its `session_id`.
 pub fn parse_request(body: &[u8]) -> Result<(Method, Request), (RequestError, Option<String>)> {
-    let request: Request = serde_json::from_slice(body)
-        .map_err(|e| (RequestError::Malformed(e.to_string()), None))?;
+    let request: Request =
+        serde_json::from_slice(body).map_err(|e| (RequestError::Malformed(e.to_string()), None))?;
     let session = request.session_id.clone();
     let major = |v: &str| v.split('.').next().map(str::to_string);
     if major(&request.version).is_none_or(|m| Some(m) != major(VERSION)) {
@@ -153,7 +153,10 @@ pub fn parse_request(body: &[u8]) -> Result<(Method, Request), (RequestError, Op
     }
     match Method::parse(&request.command) {
         Some(m) => Ok((m, request)),
-        None => Err((RequestError::UnknownMethod(request.command.clone()), session)),
+        None => Err((
+            RequestError::UnknownMethod(request.command.clone()),
+            session,
+        )),
     }
 }
 

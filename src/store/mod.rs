@@ -211,7 +211,11 @@ impl Store {
         let h = txn.open_table(ARCHIVED_HISTORY)?;
         let mut rows = Vec::new();
         for row in h.range((id.as_str(), 0)..=(id.as_str(), u64::MAX))? {
-            rows.push(decode("archived_case_history", id.as_str(), row?.1.value())?);
+            rows.push(decode(
+                "archived_case_history",
+                id.as_str(),
+                row?.1.value(),
+            )?);
         }
         Ok(Some((case, rows)))
     }
@@ -360,7 +364,8 @@ impl Tx<'_> {
     pub fn case(&self, id: &CaseId) -> StoreResult<Option<CaseRecord>> {
         let t = self.txn.open_table(CASES)?;
         let v = t.get(id.as_str())?;
-        v.map(|g| decode("cases", id.as_str(), g.value())).transpose()
+        v.map(|g| decode("cases", id.as_str(), g.value()))
+            .transpose()
     }
 
     pub fn put_case(&mut self, case: &CaseRecord) -> StoreResult<()> {
@@ -633,7 +638,10 @@ mod tests {
             .unwrap();
         let events = store.events_after(0, 100).unwrap();
         assert_eq!(
-            events.iter().map(|(_, e)| e.event.as_str()).collect::<Vec<_>>(),
+            events
+                .iter()
+                .map(|(_, e)| e.event.as_str())
+                .collect::<Vec<_>>(),
             ["e6", "e7", "e8", "e9"]
         );
         let out = store.outbox(3).unwrap();
@@ -707,14 +715,19 @@ mod tests {
     /// regenerates it (only ever for version 1). Every later mqic must open it and read it.
     #[test]
     fn v1_fixture_opens_and_reads() {
-        let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/mqic-store-v1.redb");
+        let fixture =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/mqic-store-v1.redb");
         if std::env::var_os("MQIC_WRITE_FIXTURE").is_some() {
-            assert_eq!(SCHEMA_VERSION, 1, "the v1 fixture is written by schema 1 only");
+            assert_eq!(
+                SCHEMA_VERSION, 1,
+                "the v1 fixture is written by schema 1 only"
+            );
             let _ = std::fs::remove_file(&fixture);
             let store = Store::open(&fixture).unwrap();
             store
                 .write(|tx| {
-                    let mut c = sample_case("fixture-case", CaseStatus::Completed, 1_700_000_000_000);
+                    let mut c =
+                        sample_case("fixture-case", CaseStatus::Completed, 1_700_000_000_000);
                     c.progress = 1.0;
                     tx.push_history(&mut c, &row(CaseStatus::New))?;
                     tx.push_history(&mut c, &row(CaseStatus::Completed))?;

@@ -65,9 +65,10 @@ impl CaseStatus {
             (New, Queued | Failed | Cancelled) => true,
             (Queued, Processing | PendingResource | Failed | Cancelled) => true,
             (PendingResource, Processing | Cancelled | Failed) => true,
-            (Processing, Processing | Queued | PendingResource | Completed | Failed | Cancelled) => {
-                true
-            }
+            (
+                Processing,
+                Processing | Queued | PendingResource | Completed | Failed | Cancelled,
+            ) => true,
             (Failed | Cancelled, Queued) => true,
             (
                 New | Queued | PendingResource | Completed | Failed | Cancelled,
@@ -286,7 +287,14 @@ mod tests {
             (PendingResource, &[Processing, Failed, Cancelled]),
             (
                 Processing,
-                &[Queued, PendingResource, Processing, Completed, Failed, Cancelled],
+                &[
+                    Queued,
+                    PendingResource,
+                    Processing,
+                    Completed,
+                    Failed,
+                    Cancelled,
+                ],
             ),
             (Completed, &[]),
             (Failed, &[Queued]),

@@ -23,8 +23,7 @@ use tokio::sync::watch;
 
 use crate::bus::{Bus, BusError, Delivery, Outgoing};
 use crate::protocol::topology::{
-    dead_letter_queue, DEAD_LETTER_KIND_HEADER, DEAD_LETTER_QUEUE_HEADER,
-    DEAD_LETTER_REASON_HEADER,
+    dead_letter_queue, DEAD_LETTER_KIND_HEADER, DEAD_LETTER_QUEUE_HEADER, DEAD_LETTER_REASON_HEADER,
 };
 use crate::protocol::{self, Command, Envelope};
 

@@ -1,0 +1,692 @@
+//! The case state machine: `(case, input, plan, now) -> (case, history, effects)`, pure.
+//! No I/O and no clock: the driver passes the time, a jitter sample and the GPU it could
+//! lease, applies the decision in one store transaction, and publishes the effects through
+//! the outbox. Every status change goes through [`Decider::transition`], which checks the
+//! one transition table ([`CaseStatus::can_become`]) and writes the history row.
+
+use crate::config::{ExitPolicy, StepKind};
+use crate::protocol::events::{Event, Subject};
+use crate::protocol::topology::{FILE_TRANSFER_QUEUE, REMOTE_EXECUTOR_QUEUE};
+use crate::protocol::{
+    CancelStep, Command, ExecuteRequest, FailureCategory, StepRef, TransferRequest,
+};
+use crate::store::records::{
+    ms_to_rfc3339, CaseRecord, CaseStatus, Failure, GpuKey, GpuLease, HistoryRow, StepDone, StepRun,
+};
+
+use super::plan::{Plan, StepDef, WorkflowDef};
+
+/// What happened to a case.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Input {
+    /// The case was just recorded (status NEW).
+    Found,
+    /// Time passed: retry backoffs end, deadlines pass, waiting cases look for a GPU.
+    Tick,
+    Started {
+        step: String,
+        attempt: u32,
+        pid: Option<u32>,
+    },
+    Progress {
+        step: String,
+        attempt: u32,
+        fraction: f64,
+    },
+    Succeeded {
+        step: String,
+        attempt: u32,
+        detail: String,
+    },
+    /// A step failed. Seed-format senders may leave out the step and attempt.
+    Failed {
+        step: Option<String>,
+        attempt: Option<u32>,
+        failure: Failure,
+    },
+    /// An operator retries a FAILED or CANCELLED case.
+    Retry,
+    /// An operator cancels a case.
+    Cancel,
+}
+
+/// The world as the driver sees it when it asks for a decision.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Ctx {
+    pub now_ms: u64,
+    /// A uniform sample in `[0, 1)` for backoff jitter.
+    pub jitter: f64,
+    /// A GPU the case may lease now, on the host of its next step, if it needs one.
+    pub free_gpu: Option<GpuKey>,
+}
+
+/// Something the driver must do, in the same transaction as the state change.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Effect {
+    /// Publish a command to a work queue (through the outbox).
+    Send {
+        queue: &'static str,
+        command: Command,
+    },
+    /// Publish an event (and keep it in the event log).
+    Event(Event),
+    TakeGpu(GpuLease),
+    ReleaseGpu(GpuKey),
+}
+
+/// A decision: the case after the input, the history rows to append, what to do.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decision {
+    pub case: CaseRecord,
+    pub history: Vec<HistoryRow>,
+    pub effects: Vec<Effect>,
+}
+
+/// Why an input changed nothing.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Rejected {
+    /// A result for another step or attempt than the current one (a duplicate or a late
+    /// message): ignored, never applied twice.
+    #[error("stale: {0}")]
+    Stale(String),
+    /// The operation is not possible in the case's status.
+    #[error("{0}")]
+    NotAllowed(String),
+    /// Nothing to do (a tick before a deadline, progress that did not grow).
+    #[error("unchanged")]
+    Unchanged,
+}
+
+/// Decides what `input` does to `case`.
+pub fn decide(
+    case: &CaseRecord,
+    input: Input,
+    plan: &Plan,
+    ctx: &Ctx,
+) -> Result<Decision, Rejected> {
+    let workflow = plan.workflow(&case.workflow);
+    let mut d = Decider {
+        case: case.clone(),
+        history: Vec::new(),
+        effects: Vec::new(),
+        ctx,
+        plan,
+    };
+    let Some(workflow) = workflow else {
+        return match input {
+            Input::Found | Input::Tick | Input::Retry
+                if !case.status.is_terminal() || input == Input::Retry =>
+            {
+                if case.status.is_terminal() {
+                    d.transition(CaseStatus::Queued, "retried by operator")?;
+                }
+                d.fail(Failure {
+                    category: FailureCategory::Permanent,
+                    phase: "dispatch".into(),
+                    code: "no_workflow".into(),
+                    detail: format!("workflow '{}' is not configured", case.workflow),
+                    step: None,
+                    attempt: None,
+                    error_type: "ConfigError".into(),
+                    output_tail: String::new(),
+                })?;
+                Ok(d.finish())
+            }
+            Input::Cancel => {
+                d.cancel()?;
+                Ok(d.finish())
+            }
+            _ => Err(Rejected::Stale(format!(
+                "case {} has no workflow '{}'",
+                case.case_id, case.workflow
+            ))),
+        };
+    };
+    match input {
+        Input::Found => {
+            if case.status != CaseStatus::New {
+                return Err(Rejected::Stale(format!(
+                    "case {} is already known",
+                    case.case_id
+                )));
+            }
+            d.transition(
+                CaseStatus::Queued,
+                &format!("accepted for workflow {}", workflow.name),
+            )?;
+            d.dispatch(workflow)?;
+        }
+        Input::Tick => d.tick(workflow)?,
+        Input::Started { step, attempt, pid } => {
+            d.current(&step, attempt)?;
+            let run = d.case.step.as_mut().expect("checked by current");
+            if run.started_ms.is_some() && run.pid == pid {
+                return Err(Rejected::Unchanged);
+            }
+            run.started_ms.get_or_insert(ctx.now_ms);
+            run.pid = pid;
+            let reason = match pid {
+                Some(p) => format!("step {step} attempt {attempt} started (pid {p})"),
+                None => format!("step {step} attempt {attempt} started"),
+            };
+            d.transition(CaseStatus::Processing, &reason)?;
+            d.event(Subject::Step, "started", Some((&step, attempt)), "");
+        }
+        Input::Progress {
+            step,
+            attempt,
+            fraction,
+        } => {
+            d.current(&step, attempt)?;
+            let fraction = fraction.clamp(0.0, 1.0);
+            let run = d.case.step.as_mut().expect("checked by current");
+            if fraction <= run.progress {
+                return Err(Rejected::Unchanged);
+            }
+            run.progress = fraction;
+            let overall = (d.case.step_index as f64 + fraction) / workflow.steps.len() as f64;
+            d.case.progress = d.case.progress.max(overall);
+            d.case.updated_ms = ctx.now_ms;
+            d.event(
+                Subject::Step,
+                "progress",
+                Some((&step, attempt)),
+                &format!("{:.0}%", fraction * 100.0),
+            );
+        }
+        Input::Succeeded {
+            step,
+            attempt,
+            detail,
+        } => {
+            d.current(&step, attempt)?;
+            d.release_gpu();
+            let run = d.case.step.take().expect("checked by current");
+            d.case.done.push(StepDone {
+                name: run.name.clone(),
+                attempts: run.attempt,
+                started_ms: run.started_ms.unwrap_or(run.dispatched_ms),
+                finished_ms: ctx.now_ms,
+            });
+            d.case.step_index += 1;
+            d.case.attempts = 0;
+            let overall = d.case.step_index as f64 / workflow.steps.len() as f64;
+            d.case.progress = d.case.progress.max(overall);
+            d.event(Subject::Step, "succeeded", Some((&step, attempt)), &detail);
+            if d.case.step_index >= workflow.steps.len() {
+                d.case.progress = 1.0;
+                d.transition(
+                    CaseStatus::Completed,
+                    &format!("step {step} succeeded; workflow complete"),
+                )?;
+            } else {
+                d.note(&format!("step {step} attempt {attempt} succeeded"));
+                d.dispatch(workflow)?;
+            }
+        }
+        Input::Failed {
+            step,
+            attempt,
+            failure,
+        } => {
+            match (&step, attempt) {
+                (Some(s), Some(a)) => d.current(s, a)?,
+                _ => {
+                    if d.case.status != CaseStatus::Processing {
+                        return Err(Rejected::Stale(format!(
+                            "failure for case {} which is {}",
+                            case.case_id,
+                            case.status.name()
+                        )));
+                    }
+                }
+            }
+            let def = &workflow.steps[d.case.step_index];
+            d.step_failed(def, failure)?;
+        }
+        Input::Retry => {
+            if !matches!(case.status, CaseStatus::Failed | CaseStatus::Cancelled) {
+                return Err(Rejected::NotAllowed(format!(
+                    "case {} is {}; only FAILED or CANCELLED cases can be retried",
+                    case.case_id,
+                    case.status.name()
+                )));
+            }
+            d.case.failure = None;
+            d.case.attempts = 0;
+            d.case.retry_at_ms = None;
+            d.case.manual_retries += 1;
+            d.transition(CaseStatus::Queued, "retried by operator")?;
+            d.dispatch(workflow)?;
+        }
+        Input::Cancel => {
+            if let Some(run) = &case.step {
+                let def = &workflow.steps[case.step_index];
+                if !def.is_transfer() {
+                    d.effects.push(Effect::Send {
+                        queue: REMOTE_EXECUTOR_QUEUE,
+                        command: Command::CancelStep(CancelStep {
+                            step: StepRef {
+                                case_id: case.case_id.clone(),
+                                step: run.name.clone(),
+                                attempt: run.attempt,
+                            },
+                            host: def.config.host.clone(),
+                        }),
+                    });
+                }
+            }
+            d.cancel()?;
+        }
+    }
+    Ok(d.finish())
+}
+
+/// Exponential backoff with jitter: `initial * 2^(attempt-1)`, capped, scaled by
+/// `1 ± jitter`. `sample` is uniform in `[0, 1)`.
+pub fn backoff_ms(policy: &crate::config::RetryPolicy, attempt: u32, sample: f64) -> u64 {
+    let exp = policy.backoff_initial_secs * 2f64.powi(attempt.saturating_sub(1).min(30) as i32);
+    let capped = exp.min(policy.backoff_max_secs);
+    let scale = 1.0 + policy.jitter * (2.0 * sample - 1.0);
+    (capped * scale * 1000.0).max(0.0) as u64
+}
+
+struct Decider<'a> {
+    case: CaseRecord,
+    history: Vec<HistoryRow>,
+    effects: Vec<Effect>,
+    ctx: &'a Ctx,
+    plan: &'a Plan,
+}
+
+impl Decider<'_> {
+    fn finish(self) -> Decision {
+        Decision {
+            case: self.case,
+            history: self.history,
+            effects: self.effects,
+        }
+    }
+
+    /// The one place a status changes: checked against the table, recorded, announced.
+    fn transition(&mut self, to: CaseStatus, reason: &str) -> Result<(), Rejected> {
+        let from = self.case.status;
+        if !from.can_become(to) {
+            return Err(Rejected::NotAllowed(format!(
+                "case {} cannot go from {} to {}",
+                self.case.case_id,
+                from.name(),
+                to.name()
+            )));
+        }
+        self.case.status = to;
+        self.case.updated_ms = self.ctx.now_ms;
+        let (step, attempt) = match &self.case.step {
+            Some(r) => (Some(r.name.clone()), Some(r.attempt)),
+            None => (None, None),
+        };
+        self.history.push(HistoryRow {
+            at_ms: self.ctx.now_ms,
+            from: Some(from),
+            to,
+            step,
+            attempt,
+            reason: reason.to_string(),
+        });
+        if from != to {
+            let event = to.name().to_ascii_lowercase();
+            self.event(Subject::Case, &event, None, reason);
+        }
+        Ok(())
+    }
+
+    /// A history row without a status change (e.g. a step finished and the next begins).
+    fn note(&mut self, reason: &str) {
+        let status = self.case.status;
+        self.history.push(HistoryRow {
+            at_ms: self.ctx.now_ms,
+            from: Some(status),
+            to: status,
+            step: self.case.step.as_ref().map(|r| r.name.clone()),
+            attempt: self.case.step.as_ref().map(|r| r.attempt),
+            reason: reason.to_string(),
+        });
+    }
+
+    fn event(&mut self, subject: Subject, event: &str, step: Option<(&str, u32)>, detail: &str) {
+        self.effects.push(Effect::Event(Event {
+            subject,
+            event: event.to_string(),
+            case_id: self.case.case_id.clone(),
+            step: step.map(|(s, _)| s.to_string()),
+            attempt: step.map(|(_, a)| a),
+            status: self.case.status.name().to_string(),
+            detail: detail.to_string(),
+            timestamp: ms_to_rfc3339(self.ctx.now_ms),
+        }));
+    }
+
+    /// Checks that a worker result is about the attempt in flight.
+    fn current(&self, step: &str, attempt: u32) -> Result<(), Rejected> {
+        match &self.case.step {
+            Some(r)
+                if self.case.status == CaseStatus::Processing
+                    && r.name == step
+                    && r.attempt == attempt =>
+            {
+                Ok(())
+            }
+            Some(r) => Err(Rejected::Stale(format!(
+                "result for {step} attempt {attempt}, but case {} is on {} attempt {} ({})",
+                self.case.case_id,
+                r.name,
+                r.attempt,
+                self.case.status.name()
+            ))),
+            None => Err(Rejected::Stale(format!(
+                "result for {step} attempt {attempt}, but case {} has no step in flight ({})",
+                self.case.case_id,
+                self.case.status.name()
+            ))),
+        }
+    }
+
+    fn release_gpu(&mut self) {
+        if let Some(gpu) = self.case.step.as_mut().and_then(|r| r.gpu.take()) {
+            self.effects.push(Effect::ReleaseGpu(gpu));
+        }
+    }
+
+    /// Sends the current step: leases a GPU first if it needs one, or waits for one.
+    fn dispatch(&mut self, workflow: &WorkflowDef) -> Result<(), Rejected> {
+        let def = &workflow.steps[self.case.step_index];
+        let now = self.ctx.now_ms;
+        let gpu = if def.config.gpu {
+            match &self.ctx.free_gpu {
+                Some(g) if g.host == def.config.host => Some(g.clone()),
+                _ => {
+                    if self.case.status != CaseStatus::PendingResource {
+                        self.transition(
+                            CaseStatus::PendingResource,
+                            &format!(
+                                "step {} waits for a GPU on {}",
+                                def.config.name, def.config.host
+                            ),
+                        )?;
+                    }
+                    return Ok(());
+                }
+            }
+        } else {
+            None
+        };
+        self.case.attempts += 1;
+        let attempt = self.case.attempts;
+        let deadline = now + def.config.timeout_secs * 1000 + self.plan.lease_grace_ms;
+        if let Some(g) = &gpu {
+            self.effects.push(Effect::TakeGpu(GpuLease {
+                gpu: g.clone(),
+                case_id: self.case.case_id.clone(),
+                step: def.config.name.clone(),
+                attempt,
+                taken_ms: now,
+                expires_ms: deadline,
+            }));
+        }
+        self.case.step = Some(StepRun {
+            name: def.config.name.clone(),
+            attempt,
+            dispatched_ms: now,
+            started_ms: None,
+            deadline_ms: deadline,
+            pid: None,
+            progress: 0.0,
+            gpu: gpu.clone(),
+        });
+        self.case.retry_at_ms = None;
+        let command = self.render(def, attempt, gpu.as_ref().map(|g| g.index));
+        let queue = if def.is_transfer() {
+            FILE_TRANSFER_QUEUE
+        } else {
+            REMOTE_EXECUTOR_QUEUE
+        };
+        self.effects.push(Effect::Send { queue, command });
+        let on_gpu = gpu.map(|g| format!(" on GPU {g}")).unwrap_or_default();
+        self.transition(
+            CaseStatus::Processing,
+            &format!(
+                "step {} attempt {attempt} dispatched{on_gpu}",
+                def.config.name
+            ),
+        )?;
+        let name = def.config.name.clone();
+        self.event(Subject::Step, "dispatched", Some((&name, attempt)), "");
+        Ok(())
+    }
+
+    /// The command that runs one attempt of a step, with every placeholder filled in.
+    fn render(&self, def: &StepDef, attempt: u32, gpu: Option<u32>) -> Command {
+        let values = self.plan.values(&self.case, def, attempt, gpu);
+        let step = StepRef {
+            case_id: self.case.case_id.clone(),
+            step: def.config.name.clone(),
+            attempt,
+        };
+        let host = def.config.host.clone();
+        match def.config.kind {
+            StepKind::Upload => Command::UploadCase(TransferRequest {
+                step,
+                host,
+                local_dir: def.source.render_path(&values),
+                remote_dir: def.dest.render_path(&values),
+            }),
+            StepKind::Download => Command::DownloadResults(TransferRequest {
+                step,
+                host,
+                local_dir: def.dest.render_path(&values),
+                remote_dir: def.source.render_path(&values),
+            }),
+            StepKind::Execute | StepKind::Local => Command::ExecuteCommand(ExecuteRequest {
+                step,
+                host,
+                command: def
+                    .command
+                    .as_ref()
+                    .map(|t| t.render_shell(&values))
+                    .unwrap_or_default(),
+                workdir: Some(def.workdir.render_path(&values)),
+                gpu_id: gpu,
+                timeout_secs: def.config.timeout_secs,
+                progress_patterns: def.config.progress.clone(),
+                retryable_patterns: def.config.retryable_patterns.clone(),
+            }),
+        }
+    }
+
+    fn tick(&mut self, workflow: &WorkflowDef) -> Result<(), Rejected> {
+        let now = self.ctx.now_ms;
+        match self.case.status {
+            CaseStatus::New => {
+                self.transition(
+                    CaseStatus::Queued,
+                    &format!("accepted for workflow {}", workflow.name),
+                )?;
+                self.dispatch(workflow)
+            }
+            CaseStatus::Queued => {
+                if self.case.retry_at_ms.is_some_and(|t| t > now) {
+                    return Err(Rejected::Unchanged);
+                }
+                self.dispatch(workflow)
+            }
+            CaseStatus::PendingResource => {
+                if self.ctx.free_gpu.is_none() {
+                    return Err(Rejected::Unchanged);
+                }
+                self.dispatch(workflow)
+            }
+            CaseStatus::Processing => {
+                let Some(run) = &self.case.step else {
+                    return Err(Rejected::Unchanged);
+                };
+                if run.deadline_ms > now {
+                    return Err(Rejected::Unchanged);
+                }
+                let def = &workflow.steps[self.case.step_index];
+                let detail = format!(
+                    "no result {}s after dispatch (timeout {}s plus grace); lease reclaimed",
+                    (now - run.dispatched_ms) / 1000,
+                    def.config.timeout_secs
+                );
+                if !def.is_transfer() {
+                    self.effects.push(Effect::Send {
+                        queue: REMOTE_EXECUTOR_QUEUE,
+                        command: Command::CancelStep(CancelStep {
+                            step: StepRef {
+                                case_id: self.case.case_id.clone(),
+                                step: run.name.clone(),
+                                attempt: run.attempt,
+                            },
+                            host: def.config.host.clone(),
+                        }),
+                    });
+                }
+                self.step_failed(
+                    def,
+                    Failure {
+                        category: FailureCategory::Retryable,
+                        phase: "timeout".into(),
+                        code: "deadline_passed".into(),
+                        detail,
+                        step: None,
+                        attempt: None,
+                        error_type: "TimedOut".into(),
+                        output_tail: String::new(),
+                    },
+                )
+            }
+            CaseStatus::Completed | CaseStatus::Failed | CaseStatus::Cancelled => {
+                Err(Rejected::Unchanged)
+            }
+        }
+    }
+
+    /// A step attempt failed: retry it after a backoff if that can help and the budget
+    /// allows, otherwise fail the case with the structured reason.
+    fn step_failed(&mut self, def: &StepDef, mut failure: Failure) -> Result<(), Rejected> {
+        self.release_gpu();
+        let run = self.case.step.take();
+        let attempt = run
+            .as_ref()
+            .map(|r| r.attempt)
+            .unwrap_or(self.case.attempts);
+        failure.step = Some(def.config.name.clone());
+        failure.attempt = Some(attempt);
+        if failure.code.starts_with("exit_code_")
+            && def.config.nonzero_exit == ExitPolicy::Retryable
+        {
+            failure.category = FailureCategory::Retryable;
+        }
+        if failure.category == FailureCategory::Permanent
+            && def.retryable_output(&failure.output_tail)
+        {
+            failure.category = FailureCategory::Retryable;
+        }
+        let name = def.config.name.clone();
+        self.event(
+            Subject::Step,
+            "failed",
+            Some((&name, attempt)),
+            &failure.detail,
+        );
+        let budget = def.config.retry.max_attempts;
+        if failure.category == FailureCategory::Retryable && self.case.attempts < budget {
+            let delay = backoff_ms(&def.config.retry, self.case.attempts, self.ctx.jitter);
+            self.case.retry_at_ms = Some(self.ctx.now_ms + delay);
+            // The run is gone, so the history row names the step explicitly.
+            self.case.step = None;
+            self.transition(
+                CaseStatus::Queued,
+                &format!(
+                    "step {name} attempt {attempt} failed ({}: {}); retry {} of {} in {:.1}s",
+                    failure.code,
+                    failure.detail,
+                    self.case.attempts + 1,
+                    budget,
+                    delay as f64 / 1000.0
+                ),
+            )?;
+            if let Some(last) = self.history.last_mut() {
+                last.step = Some(name);
+                last.attempt = Some(attempt);
+            }
+            Ok(())
+        } else {
+            let why = if failure.category == FailureCategory::Retryable {
+                format!("retry budget of {budget} attempts used up")
+            } else {
+                "not retryable".to_string()
+            };
+            let reason = format!(
+                "step {name} attempt {attempt} failed ({}: {}); {why}",
+                failure.code, failure.detail
+            );
+            self.fail_with(failure, &reason)?;
+            if let Some(last) = self.history.last_mut() {
+                last.step = Some(name);
+                last.attempt = Some(attempt);
+            }
+            Ok(())
+        }
+    }
+
+    fn fail(&mut self, failure: Failure) -> Result<(), Rejected> {
+        let reason = format!("{}: {}", failure.code, failure.detail);
+        self.fail_with(failure, &reason)
+    }
+
+    fn fail_with(&mut self, failure: Failure, reason: &str) -> Result<(), Rejected> {
+        self.release_gpu();
+        self.case.step = None;
+        self.case.failure = Some(failure);
+        self.case.retry_at_ms = None;
+        self.transition(CaseStatus::Failed, reason)
+    }
+
+    fn cancel(&mut self) -> Result<(), Rejected> {
+        if self.case.status.is_terminal() {
+            return Err(Rejected::NotAllowed(format!(
+                "case {} is {}; only unfinished cases can be cancelled",
+                self.case.case_id,
+                self.case.status.name()
+            )));
+        }
+        self.release_gpu();
+        self.case.step = None;
+        self.case.retry_at_ms = None;
+        self.transition(CaseStatus::Cancelled, "cancelled by operator")
+    }
+}
+
+/// The command of a step attempt already in flight, rendered again (after a restart, when
+/// its message may have been lost). Workers recognise the attempt and do not run it twice.
+pub fn render_for_recovery(
+    plan: &Plan,
+    case: &CaseRecord,
+    def: &StepDef,
+    run: &StepRun,
+) -> Command {
+    let ctx = Ctx {
+        now_ms: 0,
+        jitter: 0.0,
+        free_gpu: None,
+    };
+    let d = Decider {
+        case: case.clone(),
+        history: Vec::new(),
+        effects: Vec::new(),
+        ctx: &ctx,
+        plan,
+    };
+    d.render(def, run.attempt, run.gpu.as_ref().map(|g| g.index))
+}
