@@ -690,3 +690,487 @@ pub fn render_for_recovery(
     };
     d.render(def, run.attempt, run.gpu.as_ref().map(|g| g.index))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::store::records::CaseStatus::*;
+
+    const CONFIG: &str = r#"
+data_dir = "/data"
+[[hosts]]
+name = "local"
+gpus = [0, 1]
+[[workflows.default.steps]]
+name = "upload"
+kind = "upload"
+timeout_secs = 50
+[[workflows.default.steps]]
+name = "simulate"
+kind = "execute"
+gpu = true
+timeout_secs = 100
+command = "moqui --case {case_id} --gpu {gpu_id} --in {case_dir}"
+retryable_patterns = ["No free GPU remains"]
+retry = { max_attempts = 3, backoff_initial_secs = 10, backoff_max_secs = 25, jitter = 0.0 }
+[[workflows.default.steps]]
+name = "download"
+kind = "download"
+"#;
+
+    fn plan() -> Plan {
+        let mut p = Plan::from_config(&Config::from_toml(CONFIG, "test").unwrap());
+        p.lease_grace_ms = 5_000;
+        p
+    }
+
+    fn gpu(i: u32) -> GpuKey {
+        GpuKey {
+            host: "local".into(),
+            index: i,
+        }
+    }
+
+    fn new_case() -> CaseRecord {
+        CaseRecord {
+            case_id: "c1".into(),
+            case_path: "/data/cases/patient one".into(),
+            room: None,
+            workflow: "default".into(),
+            status: New,
+            step_index: 0,
+            step: None,
+            attempts: 0,
+            retry_at_ms: None,
+            progress: 0.0,
+            failure: None,
+            done: Vec::new(),
+            manual_retries: 0,
+            correlation_id: "corr".into(),
+            created_ms: 0,
+            updated_ms: 0,
+            history_seq: 0,
+        }
+    }
+
+    /// A case and a clock: feeds inputs, keeps the decisions.
+    struct Run {
+        plan: Plan,
+        case: CaseRecord,
+        now: u64,
+        free_gpu: Option<GpuKey>,
+        last: Option<Decision>,
+    }
+
+    impl Run {
+        fn new() -> Run {
+            Run {
+                plan: plan(),
+                case: new_case(),
+                now: 1_000,
+                free_gpu: Some(gpu(0)),
+                last: None,
+            }
+        }
+
+        fn feed(&mut self, input: Input) -> Result<&Decision, Rejected> {
+            let ctx = Ctx {
+                now_ms: self.now,
+                jitter: 0.5,
+                free_gpu: self.free_gpu.clone(),
+            };
+            let d = decide(&self.case, input, &self.plan, &ctx)?;
+            self.case = d.case.clone();
+            self.last = Some(d);
+            Ok(self.last.as_ref().unwrap())
+        }
+
+        fn ok(&mut self, input: Input) -> Decision {
+            self.feed(input.clone())
+                .unwrap_or_else(|e| panic!("{input:?}: {e}"))
+                .clone()
+        }
+
+        fn succeed(&mut self, step: &str) -> Decision {
+            let attempt = self.case.step.as_ref().unwrap().attempt;
+            self.ok(Input::Succeeded {
+                step: step.into(),
+                attempt,
+                detail: String::new(),
+            })
+        }
+
+        fn fail(&mut self, code: &str, category: FailureCategory, tail: &str) -> Decision {
+            let run = self.case.step.clone().unwrap();
+            self.ok(Input::Failed {
+                step: Some(run.name),
+                attempt: Some(run.attempt),
+                failure: Failure {
+                    category,
+                    phase: "execute".into(),
+                    code: code.into(),
+                    detail: "boom".into(),
+                    step: None,
+                    attempt: None,
+                    error_type: "RunningError".into(),
+                    output_tail: tail.into(),
+                },
+            })
+        }
+    }
+
+    fn sends(d: &Decision) -> Vec<&Command> {
+        d.effects
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Send { command, .. } => Some(command),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn has(d: &Decision, want: &Effect) -> bool {
+        d.effects.contains(want)
+    }
+
+    fn statuses(d: &Decision) -> Vec<CaseStatus> {
+        d.history.iter().map(|h| h.to).collect()
+    }
+
+    #[test]
+    fn a_case_runs_every_step_and_holds_a_gpu_only_for_the_gpu_step() {
+        let mut r = Run::new();
+        let d = r.ok(Input::Found);
+        assert_eq!(statuses(&d), [Queued, Processing]);
+        match sends(&d)[..] {
+            [Command::UploadCase(t)] => {
+                assert_eq!(t.local_dir, "/data/cases/patient one");
+                assert_eq!(t.remote_dir, "/data/work/local/c1/input");
+                assert_eq!((t.step.step.as_str(), t.step.attempt), ("upload", 1));
+            }
+            ref other => panic!("{other:?}"),
+        }
+        assert!(!d.effects.iter().any(|e| matches!(e, Effect::TakeGpu(_))));
+
+        let d = r.succeed("upload");
+        assert!(d.effects.iter().any(|e| matches!(e, Effect::TakeGpu(l) if l.gpu == gpu(0) && l.expires_ms == 1_000 + 105_000)));
+        match sends(&d)[..] {
+            [Command::ExecuteCommand(x)] => {
+                assert_eq!(
+                    x.command,
+                    "moqui --case c1 --gpu 0 --in '/data/cases/patient one'"
+                );
+                assert_eq!(x.gpu_id, Some(0));
+                assert_eq!(x.timeout_secs, 100);
+                assert_eq!(x.workdir.as_deref(), Some("/data/work/local/c1"));
+            }
+            ref other => panic!("{other:?}"),
+        }
+        assert_eq!(r.case.status, Processing);
+        assert!((r.case.progress - 1.0 / 3.0).abs() < 1e-9);
+
+        r.now += 10;
+        r.ok(Input::Started {
+            step: "simulate".into(),
+            attempt: 1,
+            pid: Some(42),
+        });
+        assert_eq!(r.case.step.as_ref().unwrap().pid, Some(42));
+        r.ok(Input::Progress {
+            step: "simulate".into(),
+            attempt: 1,
+            fraction: 0.5,
+        });
+        assert!((r.case.progress - 0.5).abs() < 1e-9);
+        assert_eq!(
+            r.feed(Input::Progress {
+                step: "simulate".into(),
+                attempt: 1,
+                fraction: 0.4,
+            })
+            .unwrap_err(),
+            Rejected::Unchanged,
+            "progress never goes backwards"
+        );
+
+        let d = r.succeed("simulate");
+        assert!(has(&d, &Effect::ReleaseGpu(gpu(0))));
+        assert!(
+            matches!(sends(&d)[..], [Command::DownloadResults(t)] if t.local_dir == "/data/results/c1" && t.remote_dir == "/data/work/local/c1/output")
+        );
+        let d = r.succeed("download");
+        assert_eq!(r.case.status, Completed);
+        assert_eq!(r.case.progress, 1.0);
+        assert_eq!(r.case.done.len(), 3);
+        assert!(statuses(&d).ends_with(&[Completed]));
+    }
+
+    #[test]
+    fn a_gpu_step_waits_for_a_free_gpu_and_gets_it_on_a_tick() {
+        let mut r = Run::new();
+        r.ok(Input::Found);
+        r.free_gpu = None;
+        let d = r.succeed("upload");
+        assert_eq!(r.case.status, PendingResource);
+        assert!(sends(&d).is_empty());
+        assert_eq!(r.feed(Input::Tick).unwrap_err(), Rejected::Unchanged);
+        r.free_gpu = Some(gpu(1));
+        let d = r.ok(Input::Tick);
+        assert_eq!(r.case.status, Processing);
+        assert!(d
+            .effects
+            .iter()
+            .any(|e| matches!(e, Effect::TakeGpu(l) if l.gpu == gpu(1))));
+        assert!(matches!(sends(&d)[..], [Command::ExecuteCommand(x)] if x.gpu_id == Some(1)));
+    }
+
+    #[test]
+    fn retryable_failures_back_off_exponentially_then_fail_with_the_reason() {
+        let mut r = Run::new();
+        r.ok(Input::Found);
+        r.succeed("upload");
+        let d = r.fail("lost", FailureCategory::Retryable, "");
+        assert!(has(&d, &Effect::ReleaseGpu(gpu(0))));
+        assert_eq!(r.case.status, Queued);
+        assert_eq!(r.case.retry_at_ms, Some(r.now + 10_000));
+        r.now += 9_999;
+        assert_eq!(r.feed(Input::Tick).unwrap_err(), Rejected::Unchanged);
+        r.now += 1;
+        let d = r.ok(Input::Tick);
+        assert!(matches!(sends(&d)[..], [Command::ExecuteCommand(x)] if x.step.attempt == 2));
+        r.fail("lost", FailureCategory::Retryable, "");
+        assert_eq!(r.case.retry_at_ms, Some(r.now + 20_000), "doubled");
+        r.now += 20_000;
+        r.ok(Input::Tick);
+        let d = r.fail("lost", FailureCategory::Retryable, "");
+        assert_eq!(r.case.status, Failed);
+        assert!(has(&d, &Effect::ReleaseGpu(gpu(0))));
+        let f = r.case.failure.as_ref().unwrap();
+        assert_eq!(
+            (f.code.as_str(), f.step.as_deref(), f.attempt),
+            ("lost", Some("simulate"), Some(3))
+        );
+        assert!(d
+            .history
+            .last()
+            .unwrap()
+            .reason
+            .contains("retry budget of 3 attempts used up"));
+    }
+
+    #[test]
+    fn exit_codes_are_permanent_unless_the_output_or_policy_says_otherwise() {
+        let mut r = Run::new();
+        r.ok(Input::Found);
+        r.succeed("upload");
+        r.fail(
+            "exit_code_1",
+            FailureCategory::Permanent,
+            "FATAL ERROR: bad input",
+        );
+        assert_eq!(r.case.status, Failed);
+        assert_eq!(
+            r.case.failure.as_ref().unwrap().category,
+            FailureCategory::Permanent
+        );
+
+        let mut r = Run::new();
+        r.ok(Input::Found);
+        r.succeed("upload");
+        r.fail(
+            "exit_code_1",
+            FailureCategory::Permanent,
+            "No free GPU remains after BeamLayerMultiGpu filtering",
+        );
+        assert_eq!(
+            r.case.status, Queued,
+            "the configured pattern makes it retryable"
+        );
+
+        let mut r = Run::new();
+        r.plan.workflows.get_mut("default").unwrap().steps[1]
+            .config
+            .nonzero_exit = crate::config::ExitPolicy::Retryable;
+        r.ok(Input::Found);
+        r.succeed("upload");
+        r.fail("exit_code_3", FailureCategory::Permanent, "");
+        assert_eq!(r.case.status, Queued);
+    }
+
+    #[test]
+    fn duplicate_and_stale_results_change_nothing() {
+        let mut r = Run::new();
+        r.ok(Input::Found);
+        r.succeed("upload");
+        let dup = Input::Succeeded {
+            step: "upload".into(),
+            attempt: 1,
+            detail: String::new(),
+        };
+        assert!(matches!(r.feed(dup).unwrap_err(), Rejected::Stale(_)));
+        r.fail("lost", FailureCategory::Retryable, "");
+        r.now += 10_000;
+        r.ok(Input::Tick);
+        let late = Input::Succeeded {
+            step: "simulate".into(),
+            attempt: 1,
+            detail: String::new(),
+        };
+        assert!(matches!(r.feed(late).unwrap_err(), Rejected::Stale(_)));
+        let late_start = Input::Started {
+            step: "simulate".into(),
+            attempt: 1,
+            pid: None,
+        };
+        assert!(matches!(
+            r.feed(late_start).unwrap_err(),
+            Rejected::Stale(_)
+        ));
+        assert_eq!(r.case.step.as_ref().unwrap().attempt, 2);
+        assert!(matches!(
+            r.feed(Input::Found).unwrap_err(),
+            Rejected::Stale(_)
+        ));
+    }
+
+    #[test]
+    fn a_step_past_its_deadline_is_cancelled_its_lease_reclaimed_and_retried() {
+        let mut r = Run::new();
+        r.ok(Input::Found);
+        r.succeed("upload");
+        let deadline = r.case.step.as_ref().unwrap().deadline_ms;
+        r.now = deadline - 1;
+        assert_eq!(r.feed(Input::Tick).unwrap_err(), Rejected::Unchanged);
+        r.now = deadline;
+        let d = r.ok(Input::Tick);
+        assert!(has(&d, &Effect::ReleaseGpu(gpu(0))));
+        assert!(
+            matches!(sends(&d)[..], [Command::CancelStep(c)] if c.step.step == "simulate" && c.step.attempt == 1)
+        );
+        assert_eq!(r.case.status, Queued);
+        assert!(d.history.last().unwrap().reason.contains("deadline_passed"));
+    }
+
+    #[test]
+    fn cancel_works_in_every_unfinished_phase_and_frees_the_gpu() {
+        // Queued, waiting for a retry.
+        let mut r = Run::new();
+        r.ok(Input::Found);
+        r.succeed("upload");
+        r.fail("lost", FailureCategory::Retryable, "");
+        let d = r.ok(Input::Cancel);
+        assert_eq!(r.case.status, Cancelled);
+        assert!(sends(&d).is_empty());
+
+        // Waiting for a GPU.
+        let mut r = Run::new();
+        r.ok(Input::Found);
+        r.free_gpu = None;
+        r.succeed("upload");
+        assert_eq!(r.case.status, PendingResource);
+        r.ok(Input::Cancel);
+        assert_eq!(r.case.status, Cancelled);
+
+        // During a transfer: no process to kill.
+        let mut r = Run::new();
+        r.ok(Input::Found);
+        let d = r.ok(Input::Cancel);
+        assert!(sends(&d).is_empty());
+        assert_eq!(r.case.status, Cancelled);
+
+        // During execution: the process is killed and the GPU released.
+        let mut r = Run::new();
+        r.ok(Input::Found);
+        r.succeed("upload");
+        let d = r.ok(Input::Cancel);
+        assert!(matches!(sends(&d)[..], [Command::CancelStep(_)]));
+        assert!(has(&d, &Effect::ReleaseGpu(gpu(0))));
+        assert!(r.case.step.is_none());
+
+        // A cancelled step's late result is stale; a finished case cannot be cancelled.
+        let late = Input::Succeeded {
+            step: "simulate".into(),
+            attempt: 1,
+            detail: String::new(),
+        };
+        assert!(matches!(r.feed(late).unwrap_err(), Rejected::Stale(_)));
+        assert!(matches!(
+            r.feed(Input::Cancel).unwrap_err(),
+            Rejected::NotAllowed(_)
+        ));
+
+        // A NEW case can be cancelled before it starts.
+        let mut r = Run::new();
+        r.ok(Input::Cancel);
+        assert_eq!(r.case.status, Cancelled);
+    }
+
+    #[test]
+    fn retry_resumes_at_the_failed_step_with_a_fresh_budget() {
+        let mut r = Run::new();
+        r.ok(Input::Found);
+        assert!(matches!(
+            r.feed(Input::Retry).unwrap_err(),
+            Rejected::NotAllowed(_)
+        ));
+        r.succeed("upload");
+        r.fail("exit_code_2", FailureCategory::Permanent, "");
+        assert_eq!(r.case.status, Failed);
+        let progress = r.case.progress;
+        let d = r.ok(Input::Retry);
+        assert_eq!(statuses(&d), [Queued, Processing]);
+        assert!(
+            matches!(sends(&d)[..], [Command::ExecuteCommand(x)] if x.step.step == "simulate" && x.step.attempt == 1)
+        );
+        assert!(r.case.failure.is_none());
+        assert_eq!(r.case.manual_retries, 1);
+        assert_eq!(r.case.progress, progress, "progress kept");
+        r.succeed("simulate");
+        r.succeed("download");
+        assert_eq!(r.case.status, Completed);
+        assert!(matches!(
+            r.feed(Input::Retry).unwrap_err(),
+            Rejected::NotAllowed(_)
+        ));
+    }
+
+    #[test]
+    fn an_unknown_workflow_fails_the_case_with_a_reason() {
+        let mut r = Run::new();
+        r.case.workflow = "nope".into();
+        r.ok(Input::Found);
+        assert_eq!(r.case.status, Failed);
+        assert_eq!(r.case.failure.as_ref().unwrap().code, "no_workflow");
+    }
+
+    #[test]
+    fn history_rows_name_every_transition_in_order() {
+        let mut r = Run::new();
+        let mut rows = r.ok(Input::Found).history;
+        rows.extend(r.succeed("upload").history);
+        rows.extend(r.fail("lost", FailureCategory::Retryable, "").history);
+        for w in rows.windows(2) {
+            assert_eq!(w[0].to, w[1].from.unwrap(), "{w:?}");
+            assert!(w[0].from.unwrap().can_become(w[0].to) || w[0].from == Some(w[0].to));
+        }
+        assert!(rows.iter().all(|h| !h.reason.is_empty()));
+    }
+
+    #[test]
+    fn backoff_is_exponential_capped_and_jittered_within_bounds() {
+        let p = crate::config::RetryPolicy {
+            max_attempts: 5,
+            backoff_initial_secs: 2.0,
+            backoff_max_secs: 10.0,
+            jitter: 0.25,
+        };
+        assert_eq!(backoff_ms(&p, 1, 0.5), 2_000);
+        assert_eq!(backoff_ms(&p, 2, 0.5), 4_000);
+        assert_eq!(backoff_ms(&p, 3, 0.5), 8_000);
+        assert_eq!(backoff_ms(&p, 4, 0.5), 10_000);
+        assert_eq!(backoff_ms(&p, 1, 0.0), 1_500);
+        assert!(backoff_ms(&p, 1, 0.999_999) <= 2_500);
+        assert_eq!(backoff_ms(&p, 100, 0.5), 10_000);
+    }
+}

@@ -83,7 +83,7 @@ impl Template {
     /// Renders for a shell: every value is quoted. A placeholder with no value renders as
     /// an empty quoted string (`''`), never as nothing, so arguments do not shift.
     pub fn render_shell(&self, values: &BTreeMap<&str, String>) -> String {
-        self.render(values, |v| shell_quote(v))
+        self.render(values, shell_quote)
     }
 
     /// Renders a path: values are inserted as they are (no shell is involved).
