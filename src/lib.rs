@@ -13,6 +13,7 @@
 //! - [`conductor`]: the case state machine and its driver.
 //! - [`workers`]: scanner, executor, transfer, archiver.
 //! - [`hpc`]: where steps run (the local backend).
+//! - [`demo`]: synthetic cases, MOQUI and interpreter stand-ins, the demo's progress view.
 
 pub mod amqp;
 pub mod app;
@@ -20,6 +21,7 @@ pub mod bus;
 pub mod cli;
 pub mod conductor;
 pub mod config;
+pub mod demo;
 pub mod hpc;
 pub mod memory;
 pub mod protocol;
