@@ -15,6 +15,7 @@ use tokio::task::JoinSet;
 use crate::amqp::{server, Broker};
 use crate::config::Config;
 use crate::memory::{self, MemoryWatermark};
+use crate::pipeline::{self, Pipeline};
 
 /// How long shutdown waits for connections to close.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
@@ -27,6 +28,10 @@ pub struct App {
     /// Where the AMQPS listener is bound, if configured.
     pub amqps_addr: Option<SocketAddr>,
     pub memory: Arc<MemoryWatermark>,
+    /// The case pipeline: conductor, bus and workers.
+    pub pipeline: Pipeline,
+    /// The configuration as started (data dir made absolute).
+    pub config: Config,
     shutdown: watch::Sender<bool>,
     tasks: JoinSet<()>,
     /// Held for the process's life: a second mqic on the same data dir is refused.
@@ -41,18 +46,10 @@ async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
 
 impl App {
     /// Starts everything the config asks for; returns once listeners accept connections.
-    pub async fn start(config: Config) -> anyhow::Result<App> {
-        std::fs::create_dir_all(&config.data_dir)
-            .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
-        let lock_path = config.data_dir.join("mqic.lock");
-        let data_lock = File::create(&lock_path)
-            .with_context(|| format!("cannot create {}", lock_path.display()))?;
-        if data_lock.try_lock().is_err() {
-            anyhow::bail!(
-                "data dir {} is in use by another mqic process",
-                config.data_dir.display()
-            );
-        }
+    pub async fn start(mut config: Config) -> anyhow::Result<App> {
+        // The data dir is made absolute: paths in workflow messages must be (workers
+        // confine them to their roots).
+        let data_lock = lock_data_dir(&mut config)?;
 
         let broker = Broker::new(config.limits(), config.users(), &config.amqp.vhosts);
         let total = memory::total_memory_bytes().unwrap_or(u64::MAX);
@@ -83,13 +80,16 @@ impl App {
                 rx.clone(),
             ));
         }
-        tasks.spawn(watermark.clone().watch(broker.clone(), rx));
+        tasks.spawn(watermark.clone().watch(broker.clone(), rx.clone()));
+        let pipeline = pipeline::start(&config, &broker, &mut tasks, rx).await?;
 
         Ok(App {
             broker,
             amqp_addr,
             amqps_addr,
             memory: watermark,
+            pipeline,
+            config,
             shutdown,
             tasks,
             _data_lock: data_lock,
@@ -117,6 +117,53 @@ impl App {
             self.tasks.abort_all();
         }
     }
+}
+
+/// Locks the data dir for this process: a second mqic (serve or worker) on it is refused.
+fn lock_data_dir(config: &mut Config) -> anyhow::Result<File> {
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
+    config.data_dir = std::fs::canonicalize(&config.data_dir)
+        .with_context(|| format!("cannot resolve data dir {}", config.data_dir.display()))?;
+    let lock_path = config.data_dir.join("mqic.lock");
+    let lock = File::create(&lock_path)
+        .with_context(|| format!("cannot create {}", lock_path.display()))?;
+    if lock.try_lock().is_err() {
+        anyhow::bail!(
+            "data dir {} is in use by another mqic process",
+            config.data_dir.display()
+        );
+    }
+    Ok(lock)
+}
+
+/// `mqic worker --role ROLE --broker URL`: one queue worker in its own process, until
+/// SIGTERM or Ctrl-C. Running steps are not killed on stop: a restarted executor reattaches.
+pub async fn worker(mut config: Config, role: pipeline::Role) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("cannot install SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot install SIGINT handler")?;
+    let _lock = lock_data_dir(&mut config)?;
+    let bus = pipeline::connect_bus(&config, None).await?;
+    let (shutdown, rx) = watch::channel(false);
+    let mut tasks = JoinSet::new();
+    let status = crate::workers::WorkerStatus::new();
+    pipeline::spawn_role(&config, role, bus.clone(), &mut tasks, status.clone(), rx.clone());
+    tasks.spawn(pipeline::heartbeats(bus.clone(), vec![(role.name(), status)], rx));
+    println!("worker {} connected to {}", role.name(), bus.describe());
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    tracing::info!("worker shutting down");
+    let _ = shutdown.send(true);
+    let _ = tokio::time::timeout(DRAIN_DEADLINE, async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    Ok(())
 }
 
 /// `mqic serve`: start, print the ready lines, run until SIGTERM or Ctrl-C, drain.

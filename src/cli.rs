@@ -20,8 +20,12 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run the broker (and, as they land, the workers and dashboard).
+    /// Run everything: the broker, the case pipeline and its workers.
     Serve(ServeArgs),
+    /// Run the whole product on synthetic cases in a temp dir and show it working.
+    Demo(DemoArgs),
+    /// Run one queue worker in its own process, against a broker (mqic or RabbitMQ).
+    Worker(WorkerArgs),
     /// Inspect configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -43,6 +47,41 @@ pub struct ServeArgs {
     /// Override `log.format`.
     #[arg(long, value_enum)]
     pub log_format: Option<LogFormat>,
+    /// Override `scanner.dir` (the watched folder).
+    #[arg(long)]
+    pub scan_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct DemoArgs {
+    /// How many synthetic cases to run.
+    #[arg(long, default_value_t = 6)]
+    pub cases: usize,
+    /// Keep serving after the cases finish (until Ctrl-C), and keep the data dir.
+    #[arg(long)]
+    pub keep: bool,
+    /// Use this data dir instead of a fresh temp dir (kept afterwards).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Cases of realistic size (about 45 MB and 220 files each) instead of tiny ones.
+    #[arg(long)]
+    pub realistic: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct WorkerArgs {
+    /// Which worker to run.
+    #[arg(long, value_enum)]
+    pub role: crate::pipeline::Role,
+    /// The broker to work through (overrides `broker.url`).
+    #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672/%2F")]
+    pub broker: String,
+    /// Configuration file (hosts, executor settings, data_dir for attempt records).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Override `data_dir` (the executor keeps its attempt records there).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -91,11 +130,37 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
             if let Some(f) = args.log_format {
                 config.log.format = f;
             }
+            if let Some(d) = args.scan_dir {
+                config.scanner.dir = d;
+            }
             init_logging(&config)?;
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()?;
-            runtime.block_on(crate::app::serve(config))
+            runtime()?.block_on(crate::app::serve(config))
+        }
+        Command::Demo(args) => {
+            let mut quiet = Config::embedded();
+            quiet.log.level = "warn".into();
+            init_logging(&quiet)?;
+            let all_completed = runtime()?.block_on(crate::demo::run::run(args))?;
+            if !all_completed {
+                anyhow::bail!("not every demo case completed");
+            }
+            Ok(())
+        }
+        Command::Worker(args) => {
+            let mut config = match &args.config {
+                Some(path) => Config::load(path)?,
+                None => Config::embedded(),
+            };
+            config.broker.url = Some(args.broker.clone());
+            if let Some(d) = args.data_dir {
+                config.data_dir = d;
+            }
+            config
+                .pipeline()
+                .validate()
+                .map_err(|e| anyhow::anyhow!("--broker: {e}"))?;
+            init_logging(&config)?;
+            runtime()?.block_on(crate::app::worker(config, args.role))
         }
         Command::Config(ConfigCommand::Check { file }) => {
             Config::load(&file)?;
@@ -126,6 +191,12 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
 }
 
 /// Logs go to stderr (stdout carries the ready lines): human-readable or JSON lines.

@@ -13,6 +13,7 @@
 //! - [`conductor`]: the case state machine and its driver.
 //! - [`workers`]: scanner, executor, transfer, archiver.
 //! - [`hpc`]: where steps run (the local backend).
+//! - [`pipeline`]: wiring: store, recovery, bus, and every worker task.
 //! - [`demo`]: synthetic cases, MOQUI and interpreter stand-ins, the demo's progress view.
 
 pub mod amqp;
@@ -24,6 +25,7 @@ pub mod config;
 pub mod demo;
 pub mod hpc;
 pub mod memory;
+pub mod pipeline;
 pub mod protocol;
 pub mod store;
 pub mod workers;

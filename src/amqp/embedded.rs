@@ -2,7 +2,6 @@
 //! without TCP, through the same [`Channel`] operations a wire client reaches. Acks, requeue
 //! on close, prefetch and confirms therefore behave exactly as on the wire.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use amq_protocol::protocol::basic::AMQPProperties;
@@ -30,7 +29,6 @@ impl LocalConnection {
         let vhost = broker
             .vhost(vhost)
             .ok_or_else(|| AmqpError::not_allowed(format!("vhost {vhost} not found")))?;
-        broker.connections.fetch_add(1, Ordering::Relaxed);
         Ok(LocalConnection {
             session: Arc::new(Session {
                 connection: broker.next_connection_id(),
@@ -63,8 +61,8 @@ impl LocalConnection {
 impl Drop for LocalConnection {
     fn drop(&mut self) {
         let broker = &self.session.broker;
+        // In-process connections are not clients: they do not count against max_connections.
         broker.connection_closed(self.session.connection);
-        broker.connections.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -9,6 +9,7 @@
 
 pub mod cases;
 pub mod progress;
+pub mod run;
 
 use std::fs;
 use std::io;
