@@ -110,8 +110,12 @@ pub async fn start(config: &Config, broker: &Arc<Broker>, tasks: &mut JoinSet<()
     tasks.spawn(driver::run(conductor.clone(), bus.clone(), status("conductor"), shutdown.clone()));
     tasks.spawn(rpc::run(conductor.clone(), bus.clone(), status("rpc"), shutdown.clone()));
     tasks.spawn(driver::ticker(conductor.clone(), Duration::from_millis(500), shutdown.clone()));
-    spawn_role(config, Role::Executor, bus.clone(), tasks, status("executor"), shutdown.clone());
-    spawn_role(config, Role::Transfer, bus.clone(), tasks, status("transfer"), shutdown.clone());
+    if config.workers.executor {
+        spawn_role(config, Role::Executor, bus.clone(), tasks, status("executor"), shutdown.clone());
+    }
+    if config.workers.transfer {
+        spawn_role(config, Role::Transfer, bus.clone(), tasks, status("transfer"), shutdown.clone());
+    }
     tasks.spawn(scanner::run(
         config.scanner.clone(),
         config.scan_dir(),

@@ -17,7 +17,7 @@ pub mod pipeline;
 pub use pipeline::{
     ArchiverConfig, BrokerConfig, ConductorConfig, ExecutorConfig, ExitPolicy, HostConfig,
     HostKind, PipelineConfig, RetryPolicy, ScanMode, ScannerConfig, StepConfig, StepKind,
-    WorkflowConfig,
+    WorkersConfig, WorkflowConfig,
 };
 
 /// The default configuration file, compiled into the binary.
@@ -34,6 +34,7 @@ pub struct Config {
     pub broker: BrokerConfig,
     pub scanner: ScannerConfig,
     pub conductor: ConductorConfig,
+    pub workers: WorkersConfig,
     pub executor: ExecutorConfig,
     pub archiver: ArchiverConfig,
     pub hosts: Vec<HostConfig>,
@@ -49,6 +50,7 @@ impl Default for Config {
             broker: BrokerConfig::default(),
             scanner: ScannerConfig::default(),
             conductor: ConductorConfig::default(),
+            workers: WorkersConfig::default(),
             executor: ExecutorConfig::default(),
             archiver: ArchiverConfig::default(),
             hosts: vec![HostConfig {

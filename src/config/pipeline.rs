@@ -234,6 +234,25 @@ impl Default for ConductorConfig {
     }
 }
 
+/// `[workers]`: which queue workers run inside `mqic serve`. Turn one off when `mqic worker`
+/// processes on other hosts do that job (two executors on one queue would share the work,
+/// which is fine, but the lab may want steps to run only there).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkersConfig {
+    pub executor: bool,
+    pub transfer: bool,
+}
+
+impl Default for WorkersConfig {
+    fn default() -> Self {
+        WorkersConfig {
+            executor: true,
+            transfer: true,
+        }
+    }
+}
+
 /// `[executor]`.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]

@@ -3,10 +3,13 @@
 
 mod process;
 mod support;
+mod workflow;
 
 mod basic;
 mod cli;
+mod crash;
 mod external;
 mod handshake;
+mod pipeline;
 mod smoke;
 mod topology;
