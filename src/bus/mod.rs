@@ -6,6 +6,7 @@
 //!
 //! The workflow knows nothing of frames, and the broker knows nothing of cases.
 
+mod confirm;
 pub mod embedded;
 pub mod remote;
 
@@ -17,8 +18,8 @@ use tokio::sync::mpsc;
 
 use crate::protocol::topology::Topology;
 
-// pub use embedded::EmbeddedBus;
-// pub use remote::RemoteBus;
+pub use embedded::EmbeddedBus;
+pub use remote::RemoteBus;
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -76,6 +77,28 @@ impl Outgoing {
             body: body.into(),
             ..Outgoing::default()
         }
+    }
+
+    /// Refuses what AMQP cannot carry: names and short-string properties over 255 bytes.
+    pub(crate) fn validate(&self) -> BusResult<()> {
+        let short = [
+            ("exchange", Some(self.exchange.as_str())),
+            ("routing key", Some(self.routing_key.as_str())),
+            ("correlation_id", self.correlation_id.as_deref()),
+            ("reply_to", self.reply_to.as_deref()),
+        ];
+        let headers = self
+            .headers
+            .iter()
+            .map(|(k, _)| ("header name", Some(k.as_str())));
+        for (what, value) in short.into_iter().chain(headers) {
+            if value.is_some_and(|v| v.len() > 255) {
+                return Err(BusError::Refused(format!(
+                    "{what} is longer than 255 bytes"
+                )));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -150,7 +173,10 @@ impl Delivery {
     }
 
     pub fn nack(self, requeue: bool) {
-        let _ = self.acker.tx.send((self.acker.tag, Settle::Nack { requeue }));
+        let _ = self
+            .acker
+            .tx
+            .send((self.acker.tag, Settle::Nack { requeue }));
     }
 }
 
@@ -189,8 +215,7 @@ pub trait Bus: Send + Sync + 'static {
     fn reply_queue(&self) -> BoxFuture<'_, BusResult<Subscription>>;
 
     /// Binds a queue to an exchange.
-    fn bind(&self, queue: &str, exchange: &str, routing_key: &str)
-        -> BoxFuture<'_, BusResult<()>>;
+    fn bind(&self, queue: &str, exchange: &str, routing_key: &str) -> BoxFuture<'_, BusResult<()>>;
 
     /// Ready messages and consumers of a queue, or `None` if it does not exist.
     fn queue_depth(&self, queue: &str) -> BoxFuture<'_, BusResult<Option<(u32, u32)>>>;
