@@ -7,8 +7,11 @@
 //! The workflow knows nothing of frames, and the broker knows nothing of cases.
 
 mod confirm;
+#[cfg(test)]
+mod contract;
 pub mod embedded;
 pub mod remote;
+mod url;
 
 use std::future::Future;
 use std::pin::Pin;
