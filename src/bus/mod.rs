@@ -6,8 +6,12 @@
 //!
 //! The workflow knows nothing of frames, and the broker knows nothing of cases.
 
+mod confirm;
+#[cfg(test)]
+mod contract;
 pub mod embedded;
 pub mod remote;
+mod url;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -17,8 +21,8 @@ use tokio::sync::mpsc;
 
 use crate::protocol::topology::Topology;
 
-// pub use embedded::EmbeddedBus;
-// pub use remote::RemoteBus;
+pub use embedded::EmbeddedBus;
+pub use remote::RemoteBus;
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -76,6 +80,28 @@ impl Outgoing {
             body: body.into(),
             ..Outgoing::default()
         }
+    }
+
+    /// Refuses what AMQP cannot carry: names and short-string properties over 255 bytes.
+    pub(crate) fn validate(&self) -> BusResult<()> {
+        let short = [
+            ("exchange", Some(self.exchange.as_str())),
+            ("routing key", Some(self.routing_key.as_str())),
+            ("correlation_id", self.correlation_id.as_deref()),
+            ("reply_to", self.reply_to.as_deref()),
+        ];
+        let headers = self
+            .headers
+            .iter()
+            .map(|(k, _)| ("header name", Some(k.as_str())));
+        for (what, value) in short.into_iter().chain(headers) {
+            if value.is_some_and(|v| v.len() > 255) {
+                return Err(BusError::Refused(format!(
+                    "{what} is longer than 255 bytes"
+                )));
+            }
+        }
+        Ok(())
     }
 }
 
