@@ -161,6 +161,7 @@ impl Conductor {
                 step_index: 0,
                 step: None,
                 attempts: 0,
+                retry_base: 0,
                 retry_at_ms: None,
                 progress: 0.0,
                 failure: None,

@@ -210,6 +210,7 @@ pub fn decide(
             });
             d.case.step_index += 1;
             d.case.attempts = 0;
+            d.case.retry_base = 0;
             let overall = d.case.step_index as f64 / workflow.steps.len() as f64;
             d.case.progress = d.case.progress.max(overall);
             d.event(Subject::Step, "succeeded", Some((&step, attempt)), &detail);
@@ -253,7 +254,7 @@ pub fn decide(
                 )));
             }
             d.case.failure = None;
-            d.case.attempts = 0;
+            d.case.retry_base = d.case.attempts;
             d.case.retry_at_ms = None;
             d.case.manual_retries += 1;
             d.transition(CaseStatus::Queued, "retried by operator")?;
@@ -600,8 +601,9 @@ impl Decider<'_> {
             &failure.detail,
         );
         let budget = def.config.retry.max_attempts;
-        if failure.category == FailureCategory::Retryable && self.case.attempts < budget {
-            let delay = backoff_ms(&def.config.retry, self.case.attempts, self.ctx.jitter);
+        let used = self.case.attempts - self.case.retry_base.min(self.case.attempts);
+        if failure.category == FailureCategory::Retryable && used < budget {
+            let delay = backoff_ms(&def.config.retry, used, self.ctx.jitter);
             self.case.retry_at_ms = Some(self.ctx.now_ms + delay);
             // The run is gone, so the history row names the step explicitly.
             self.case.step = None;
@@ -611,7 +613,7 @@ impl Decider<'_> {
                     "step {name} attempt {attempt} failed ({}: {}); retry {} of {} in {:.1}s",
                     failure.code,
                     failure.detail,
-                    self.case.attempts + 1,
+                    used + 1,
                     budget,
                     delay as f64 / 1000.0
                 ),
@@ -742,6 +744,7 @@ kind = "download"
             step_index: 0,
             step: None,
             attempts: 0,
+            retry_base: 0,
             retry_at_ms: None,
             progress: 0.0,
             failure: None,
@@ -1121,11 +1124,16 @@ kind = "download"
         let d = r.ok(Input::Retry);
         assert_eq!(statuses(&d), [Queued, Processing]);
         assert!(
-            matches!(sends(&d)[..], [Command::ExecuteCommand(x)] if x.step.step == "simulate" && x.step.attempt == 1)
+            matches!(sends(&d)[..], [Command::ExecuteCommand(x)] if x.step.step == "simulate" && x.step.attempt == 2),
+            "attempt numbers are never reused: the host keeps attempt 1's directory"
         );
         assert!(r.case.failure.is_none());
         assert_eq!(r.case.manual_retries, 1);
         assert_eq!(r.case.progress, progress, "progress kept");
+        r.fail("lost", FailureCategory::Retryable, "");
+        assert_eq!(r.case.status, Queued, "a fresh budget after the operator's retry");
+        r.now += 10_000;
+        r.ok(Input::Tick);
         r.succeed("simulate");
         r.succeed("download");
         assert_eq!(r.case.status, Completed);

@@ -160,9 +160,14 @@ pub struct CaseRecord {
     /// The current attempt, while a step is dispatched or running.
     #[serde(default)]
     pub step: Option<StepRun>,
-    /// Attempts made of the current step so far.
+    /// Attempts made of the current step so far. Attempt numbers are never reused (an
+    /// attempt names its working directory on the host), so an operator retry continues the
+    /// count and moves `retry_base` instead.
     #[serde(default)]
     pub attempts: u32,
+    /// `attempts` when the operator last retried: the retry budget counts from here.
+    #[serde(default)]
+    pub retry_base: u32,
     /// When a retry's backoff ends (the case is QUEUED until then).
     #[serde(default)]
     pub retry_at_ms: Option<u64>,

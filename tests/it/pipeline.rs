@@ -95,7 +95,11 @@ async fn a_failing_step_fails_the_case_with_a_structured_reason_and_retry_case_r
     let mut rpc = Rpc::connect(&server.url()).await;
     let refused = rpc.call("retry_case", json!({"case_id": "no-such-case"})).await;
     assert_eq!(refused["status"], "failure");
-    std::fs::remove_file(dir.join("MQIC_DEMO_FAIL")).unwrap();
+    // The operator fixes the input where the failed step reads it: the retry resumes at
+    // `simulate`, on the copy uploaded to the host, without uploading again.
+    let config = &server.app.config;
+    let uploaded = config.work_root(&config.hosts[0]).join(&id).join("input");
+    std::fs::remove_file(uploaded.join("MQIC_DEMO_FAIL")).unwrap();
     let reply = rpc.call("retry_case", json!({"case_id": id})).await;
     assert_eq!(reply["status"], "success", "{reply}");
     let case = wait_status(&store, &id, CaseStatus::Completed).await;
