@@ -148,8 +148,19 @@ pub async fn worker(mut config: Config, role: pipeline::Role) -> anyhow::Result<
     let (shutdown, rx) = watch::channel(false);
     let mut tasks = JoinSet::new();
     let status = crate::workers::WorkerStatus::new();
-    pipeline::spawn_role(&config, role, bus.clone(), &mut tasks, status.clone(), rx.clone());
-    tasks.spawn(pipeline::heartbeats(bus.clone(), vec![(role.name(), status)], rx));
+    pipeline::spawn_role(
+        &config,
+        role,
+        bus.clone(),
+        &mut tasks,
+        status.clone(),
+        rx.clone(),
+    );
+    tasks.spawn(pipeline::heartbeats(
+        bus.clone(),
+        vec![(role.name(), status)],
+        rx,
+    ));
     println!("worker {} connected to {}", role.name(), bus.describe());
     use std::io::Write;
     let _ = std::io::stdout().flush();

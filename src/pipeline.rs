@@ -65,10 +65,19 @@ impl CaseSink for ConductorSink {
 }
 
 /// Connects the bus the config asks for.
-pub async fn connect_bus(config: &Config, broker: Option<&Arc<Broker>>) -> anyhow::Result<Arc<dyn Bus>> {
+pub async fn connect_bus(
+    config: &Config,
+    broker: Option<&Arc<Broker>>,
+) -> anyhow::Result<Arc<dyn Bus>> {
     let bus: Arc<dyn Bus> = match (&config.broker.url, broker) {
-        (Some(url), _) => Arc::new(RemoteBus::connect(url).await.context("cannot connect to broker.url")?),
-        (None, Some(broker)) => Arc::new(EmbeddedBus::new(broker.clone(), "/").context("cannot open the embedded bus")?),
+        (Some(url), _) => Arc::new(
+            RemoteBus::connect(url)
+                .await
+                .context("cannot connect to broker.url")?,
+        ),
+        (None, Some(broker)) => {
+            Arc::new(EmbeddedBus::new(broker.clone(), "/").context("cannot open the embedded bus")?)
+        }
         (None, None) => anyhow::bail!("no broker: set broker.url or pass --broker"),
     };
     bus.declare(&topology())
@@ -78,14 +87,21 @@ pub async fn connect_bus(config: &Config, broker: Option<&Arc<Broker>>) -> anyho
 }
 
 /// Opens the store and starts every pipeline task in `tasks`.
-pub async fn start(config: &Config, broker: &Arc<Broker>, tasks: &mut JoinSet<()>, shutdown: Shutdown) -> anyhow::Result<Pipeline> {
+pub async fn start(
+    config: &Config,
+    broker: &Arc<Broker>,
+    tasks: &mut JoinSet<()>,
+    shutdown: Shutdown,
+) -> anyhow::Result<Pipeline> {
     let store_path = config.data_dir.join("mqic.redb");
     let store = {
         let path = store_path.clone();
         tokio::task::spawn_blocking(move || Store::open(&path)).await??
     };
     if config.workflows.is_empty() {
-        tracing::warn!("no workflow is configured: new cases will fail with no_workflow until one is");
+        tracing::warn!(
+            "no workflow is configured: new cases will fail with no_workflow until one is"
+        );
     }
     let plan = Arc::new(Plan::from_config(config));
     let conductor = Conductor::new(store.clone(), plan, config.conductor.event_log_len);
@@ -106,15 +122,48 @@ pub async fn start(config: &Config, broker: &Arc<Broker>, tasks: &mut JoinSet<()
         workers.push((name, s.clone()));
         s
     };
-    tasks.spawn(relay::run(conductor.clone(), bus.clone(), status("relay"), shutdown.clone()));
-    tasks.spawn(driver::run(conductor.clone(), bus.clone(), status("conductor"), shutdown.clone()));
-    tasks.spawn(rpc::run(conductor.clone(), bus.clone(), status("rpc"), shutdown.clone()));
-    tasks.spawn(driver::ticker(conductor.clone(), Duration::from_millis(500), shutdown.clone()));
+    tasks.spawn(relay::run(
+        conductor.clone(),
+        bus.clone(),
+        status("relay"),
+        shutdown.clone(),
+    ));
+    tasks.spawn(driver::run(
+        conductor.clone(),
+        bus.clone(),
+        status("conductor"),
+        shutdown.clone(),
+    ));
+    tasks.spawn(rpc::run(
+        conductor.clone(),
+        bus.clone(),
+        status("rpc"),
+        shutdown.clone(),
+    ));
+    tasks.spawn(driver::ticker(
+        conductor.clone(),
+        Duration::from_millis(500),
+        shutdown.clone(),
+    ));
     if config.workers.executor {
-        spawn_role(config, Role::Executor, bus.clone(), tasks, status("executor"), shutdown.clone());
+        spawn_role(
+            config,
+            Role::Executor,
+            bus.clone(),
+            tasks,
+            status("executor"),
+            shutdown.clone(),
+        );
     }
     if config.workers.transfer {
-        spawn_role(config, Role::Transfer, bus.clone(), tasks, status("transfer"), shutdown.clone());
+        spawn_role(
+            config,
+            Role::Transfer,
+            bus.clone(),
+            tasks,
+            status("transfer"),
+            shutdown.clone(),
+        );
     }
     tasks.spawn(scanner::run(
         config.scanner.clone(),
@@ -123,8 +172,17 @@ pub async fn start(config: &Config, broker: &Arc<Broker>, tasks: &mut JoinSet<()
         status("scanner"),
         shutdown.clone(),
     ));
-    let archiver = Arc::new(Archiver::new(store, config.archiver.clone(), config.backup_dir()));
-    tasks.spawn(archiver::run(bus.clone(), archiver, status("archiver"), shutdown.clone()));
+    let archiver = Arc::new(Archiver::new(
+        store,
+        config.archiver.clone(),
+        config.backup_dir(),
+    ));
+    tasks.spawn(archiver::run(
+        bus.clone(),
+        archiver,
+        status("archiver"),
+        shutdown.clone(),
+    ));
     if config.archiver.interval_secs > 0 {
         tasks.spawn(archiver::schedule(
             conductor.clone(),
@@ -141,14 +199,27 @@ pub async fn start(config: &Config, broker: &Arc<Broker>, tasks: &mut JoinSet<()
 }
 
 /// Starts one queue worker role.
-pub fn spawn_role(config: &Config, role: Role, bus: Arc<dyn Bus>, tasks: &mut JoinSet<()>, status: Arc<WorkerStatus>, shutdown: Shutdown) {
+pub fn spawn_role(
+    config: &Config,
+    role: Role,
+    bus: Arc<dyn Bus>,
+    tasks: &mut JoinSet<()>,
+    status: Arc<WorkerStatus>,
+    shutdown: Shutdown,
+) {
     match role {
         Role::Executor => {
             let runner = Arc::new(LocalRunner::new(
                 config.data_dir.join("attempts"),
                 config.executor.output_tail_bytes,
             ));
-            tasks.spawn(executor::run(bus, runner, config.executor.clone(), status, shutdown));
+            tasks.spawn(executor::run(
+                bus,
+                runner,
+                config.executor.clone(),
+                status,
+                shutdown,
+            ));
         }
         Role::Transfer => {
             let hosts = config
@@ -164,7 +235,11 @@ pub fn spawn_role(config: &Config, role: Role, bus: Arc<dyn Bus>, tasks: &mut Jo
 
 /// Announces every worker of this process to the conductor every [`HEARTBEAT_SECS`]; a
 /// last one says `stopping`.
-pub async fn heartbeats(bus: Arc<dyn Bus>, workers: Vec<(&'static str, Arc<WorkerStatus>)>, mut shutdown: Shutdown) {
+pub async fn heartbeats(
+    bus: Arc<dyn Bus>,
+    workers: Vec<(&'static str, Arc<WorkerStatus>)>,
+    mut shutdown: Shutdown,
+) {
     let hostname = hostname();
     let pid = std::process::id();
     let started_at = protocol::rfc3339(std::time::SystemTime::now());
@@ -178,7 +253,11 @@ pub async fn heartbeats(bus: Arc<dyn Bus>, workers: Vec<(&'static str, Arc<Worke
                     hostname: hostname.clone(),
                     pid,
                     started_at: started_at.clone(),
-                    status: if stopping { "stopping".into() } else { status.get() },
+                    status: if stopping {
+                        "stopping".into()
+                    } else {
+                        status.get()
+                    },
                     interval_secs: HEARTBEAT_SECS,
                 })
             })
@@ -186,7 +265,9 @@ pub async fn heartbeats(bus: Arc<dyn Bus>, workers: Vec<(&'static str, Arc<Worke
     };
     loop {
         for command in beat(false) {
-            if let Err(e) = crate::workers::send_command(bus.as_ref(), CONDUCTOR_QUEUE, command, None).await {
+            if let Err(e) =
+                crate::workers::send_command(bus.as_ref(), CONDUCTOR_QUEUE, command, None).await
+            {
                 tracing::debug!("heartbeat not sent: {e}");
             }
         }

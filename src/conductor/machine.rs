@@ -1131,7 +1131,10 @@ kind = "download"
         assert_eq!(r.case.manual_retries, 1);
         assert_eq!(r.case.progress, progress, "progress kept");
         r.fail("lost", FailureCategory::Retryable, "");
-        assert_eq!(r.case.status, Queued, "a fresh budget after the operator's retry");
+        assert_eq!(
+            r.case.status, Queued,
+            "a fresh budget after the operator's retry"
+        );
         r.now += 10_000;
         r.ok(Input::Tick);
         r.succeed("simulate");

@@ -57,7 +57,7 @@ name = "simulate"
 kind = "execute"
 gpu = true
 timeout_secs = 600
-command = "sh {moqui} {{remote_case_dir}}/input {{remote_case_dir}}/output {{gpu_id}}"
+command = "MQIC_DEMO_BATCH_SLEEP=${{{{MQIC_DEMO_BATCH_SLEEP:-0.25}}}} sh {moqui} {{remote_case_dir}}/input {{remote_case_dir}}/output {{gpu_id}}"
 progress = ['Generating particles for \((\d+) of (\d+) batches\)']
 retryable_patterns = ['No free GPU remains']
 retry = {{ max_attempts = 3, backoff_initial_secs = 1, backoff_max_secs = 10 }}
@@ -92,7 +92,11 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<bool> {
     let app = App::start(config).await?;
     let out = std::io::stdout();
     let tty = out.is_terminal();
-    println!("mqic demo: {} synthetic cases, data in {}", args.cases, data_dir.display());
+    println!(
+        "mqic demo: {} synthetic cases, data in {}",
+        args.cases,
+        data_dir.display()
+    );
     println!(
         "  broker: amqp://guest:guest@{}/ (RabbitMQ clients can watch: bind a queue to mqic.events with `case.#`)",
         app.amqp_addr
@@ -105,7 +109,11 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<bool> {
     let scan = scan_dir.clone();
     let writer = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
         for n in 1..=cases as u32 {
-            let spec = if realistic { CaseSpec::realistic(n) } else { CaseSpec::tiny(n) };
+            let spec = if realistic {
+                CaseSpec::realistic(n)
+            } else {
+                CaseSpec::tiny(n)
+            };
             write_case(&scan.join(&spec.patient_id), &spec)?;
             std::thread::sleep(Duration::from_millis(300));
         }
@@ -140,7 +148,13 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<bool> {
             for r in &rows {
                 let line = format!("{} {}", r.status, r.step.clone().unwrap_or_default());
                 if last_status.get(&r.case_id) != Some(&line) {
-                    println!("  {:<10} {:<16} {:>3.0}%  {}", r.case_id, r.status, r.progress * 100.0, r.step.as_deref().unwrap_or(""));
+                    println!(
+                        "  {:<10} {:<16} {:>3.0}%  {}",
+                        r.case_id,
+                        r.status,
+                        r.progress * 100.0,
+                        r.step.as_deref().unwrap_or("")
+                    );
                     last_status.insert(r.case_id.clone(), line);
                 }
             }
@@ -155,7 +169,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<bool> {
         }
     };
     writer.await??;
-    let completed = rows.iter().filter(|r| Outcome::of(&r.status) == Outcome::Completed).count();
+    let completed = rows
+        .iter()
+        .filter(|r| Outcome::of(&r.status) == Outcome::Completed)
+        .count();
     println!("{}", summary(&rows));
     println!(
         "demo: {completed} of {cases} cases completed in {:.1}s",

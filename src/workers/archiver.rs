@@ -113,45 +113,58 @@ pub fn list_backups(dir: &Path) -> Vec<PathBuf> {
 }
 
 /// Consumes `archiver_queue` until shutdown.
-pub async fn run(bus: Arc<dyn Bus>, archiver: Arc<Archiver>, status: Arc<WorkerStatus>, shutdown: Shutdown) {
+pub async fn run(
+    bus: Arc<dyn Bus>,
+    archiver: Arc<Archiver>,
+    status: Arc<WorkerStatus>,
+    shutdown: Shutdown,
+) {
     let s = status.clone();
-    consume(bus, ARCHIVER_QUEUE, 1, status, shutdown, move |envelope, delivery| {
-        let archiver = archiver.clone();
-        let status = s.clone();
-        async move {
-            let Command::ArchiveData(request) = envelope.command else {
-                let reason = format!("`{}` is not an archiver command", envelope.command.name());
-                return (Handled::Reject(reason), Some(delivery));
-            };
-            status.set("archiving");
-            let result = tokio::task::spawn_blocking(move || archiver.run_once(&request)).await;
-            match result {
-                Ok(Ok(report)) => {
-                    tracing::info!(
-                        archived = report.archived,
-                        backup = %report.backup.display(),
-                        rows = report.rows_copied,
-                        removed = report.removed.len(),
-                        "archive run done"
-                    );
-                    for bad in &report.unreadable {
-                        tracing::error!("backup {} does not open", bad.display());
+    consume(
+        bus,
+        ARCHIVER_QUEUE,
+        1,
+        status,
+        shutdown,
+        move |envelope, delivery| {
+            let archiver = archiver.clone();
+            let status = s.clone();
+            async move {
+                let Command::ArchiveData(request) = envelope.command else {
+                    let reason =
+                        format!("`{}` is not an archiver command", envelope.command.name());
+                    return (Handled::Reject(reason), Some(delivery));
+                };
+                status.set("archiving");
+                let result = tokio::task::spawn_blocking(move || archiver.run_once(&request)).await;
+                match result {
+                    Ok(Ok(report)) => {
+                        tracing::info!(
+                            archived = report.archived,
+                            backup = %report.backup.display(),
+                            rows = report.rows_copied,
+                            removed = report.removed.len(),
+                            "archive run done"
+                        );
+                        for bad in &report.unreadable {
+                            tracing::error!("backup {} does not open", bad.display());
+                        }
+                        status.set(format!("last run archived {} cases", report.archived));
+                        (Handled::Ack, Some(delivery))
                     }
-                    status.set(format!("last run archived {} cases", report.archived));
-                    (Handled::Ack, Some(delivery))
-                }
-                Ok(Err(e)) => {
-                    tracing::error!("archive run failed: {e}");
-                    status.set(format!("last run failed: {e}"));
-                    (Handled::Ack, Some(delivery))
-                }
-                Err(e) => {
-                    tracing::error!("archive task failed: {e}");
-                    (Handled::Retry, Some(delivery))
+                    Ok(Err(e)) => {
+                        tracing::error!("archive run failed: {e}");
+                        status.set(format!("last run failed: {e}"));
+                        (Handled::Ack, Some(delivery))
+                    }
+                    Err(e) => {
+                        tracing::error!("archive task failed: {e}");
+                        (Handled::Retry, Some(delivery))
+                    }
                 }
             }
-        }
-    })
+        },
+    )
     .await
 }
 
@@ -164,7 +177,10 @@ pub async fn schedule(conductor: Arc<Conductor>, every: Duration, mut shutdown: 
         }
         let c = conductor.clone();
         let queued = tokio::task::spawn_blocking(move || {
-            c.enqueue(ARCHIVER_QUEUE, Command::ArchiveData(ArchiveRequest::default()))
+            c.enqueue(
+                ARCHIVER_QUEUE,
+                Command::ArchiveData(ArchiveRequest::default()),
+            )
         })
         .await;
         if !matches!(queued, Ok(Ok(()))) {
@@ -240,6 +256,9 @@ mod tests {
                 retention_days: Some(0),
             })
             .unwrap();
-        assert_eq!(zero.archived, 1, "the recent completed case, not the running one");
+        assert_eq!(
+            zero.archived, 1,
+            "the recent completed case, not the running one"
+        );
     }
 }

@@ -16,7 +16,7 @@ def main(url: str) -> None:
     q = ch.queue_declare("", exclusive=True).method.queue
     assert q.startswith("amq.gen-"), q
     ch.queue_bind(q, "lab.events", routing_key="case.#")
-    ch.queue_declare("conductor_queue", durable=True)
+    ch.queue_declare("lab_work_queue", durable=True)
 
     props = pika.BasicProperties(
         content_type="application/json",
@@ -24,7 +24,7 @@ def main(url: str) -> None:
         correlation_id="c-1",
         headers={"retry_count": 0, "nested": {"list": [1, "two", True]}},
     )
-    ch.basic_publish("", "conductor_queue", b'{"command":"new_case_found"}', props)
+    ch.basic_publish("", "lab_work_queue", b'{"command":"new_case_found"}', props)
     ch.basic_publish("lab.events", "case.new.c1", b"event", mandatory=True)
     try:
         ch.basic_publish("lab.events", "nobody.listens", b"lost", mandatory=True)
@@ -32,7 +32,7 @@ def main(url: str) -> None:
     except pika.exceptions.UnroutableError:
         pass
 
-    method, got_props, body = ch.basic_get("conductor_queue", auto_ack=False)
+    method, got_props, body = ch.basic_get("lab_work_queue", auto_ack=False)
     assert body == b'{"command":"new_case_found"}', body
     assert got_props.correlation_id == "c-1"
     assert got_props.headers["nested"]["list"][1] == b"two" or got_props.headers["nested"]["list"][1] == "two"
@@ -48,7 +48,7 @@ def main(url: str) -> None:
     ch.cancel()
     assert received == [b"event"], received
 
-    ch.queue_delete("conductor_queue")
+    ch.queue_delete("lab_work_queue")
     conn.close()
     print("pika smoke ok")
 

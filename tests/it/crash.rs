@@ -21,7 +21,7 @@ fn serve(config: &Path, ledger: &Path) -> Child {
         .args(["serve", "--config"])
         .arg(config)
         .env("MQIC_LEDGER", ledger)
-        .env("MQIC_DEMO_BATCH_SLEEP", "0.02")
+        .env("MQIC_DEMO_BATCH_SLEEP", "0.05")
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -90,7 +90,7 @@ fn kill_9_at_random_points_during_20_cases_loses_nothing_and_runs_every_step_onc
     let mut rng = rand::rng();
     let mut child = serve(&config, &ledger_file);
     let ids: Vec<String> = (1..=20).map(|n| drop_case(&scan, 700 + n)).collect();
-    let kills = 8;
+    let kills = 12;
     for _ in 0..kills {
         std::thread::sleep(Duration::from_millis(rng.random_range(150..900)));
         child.kill().unwrap();
@@ -116,14 +116,24 @@ fn kill_9_at_random_points_during_20_cases_loses_nothing_and_runs_every_step_onc
         assert!(
             cases.iter().all(|c| c.status != CaseStatus::Failed),
             "a case failed: {:#?}",
-            cases.iter().filter(|c| c.status == CaseStatus::Failed).collect::<Vec<_>>()
+            cases
+                .iter()
+                .filter(|c| c.status == CaseStatus::Failed)
+                .collect::<Vec<_>>()
         );
         if cases.len() == ids.len() && cases.iter().all(|c| c.status == CaseStatus::Completed) {
-            assert!(store.leases().unwrap().is_empty(), "no GPU lease left behind: {:?}", store.leases().unwrap());
+            assert!(
+                store.leases().unwrap().is_empty(),
+                "no GPU lease left behind: {:?}",
+                store.leases().unwrap()
+            );
             break;
         }
         drop(store);
-        assert!(Instant::now() < deadline, "cases did not all complete in time: {cases:#?}");
+        assert!(
+            Instant::now() < deadline,
+            "cases did not all complete in time: {cases:#?}"
+        );
         child = serve(&config, &ledger_file);
     }
     let lines = ledger(&ledger_file);
@@ -133,7 +143,12 @@ fn kill_9_at_random_points_during_20_cases_loses_nothing_and_runs_every_step_onc
                 .iter()
                 .filter(|l| l.starts_with(&format!("{id} {step} ")))
                 .collect();
-            assert_eq!(runs.len(), 1, "{id} {step} ran {} times: {runs:?}", runs.len());
+            assert_eq!(
+                runs.len(),
+                1,
+                "{id} {step} ran {} times: {runs:?}",
+                runs.len()
+            );
         }
     }
     assert_eq!(lines.len(), 2 * ids.len(), "{lines:?}");

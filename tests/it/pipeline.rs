@@ -50,26 +50,37 @@ async fn cases_dropped_in_the_folder_complete_end_to_end() {
         let case = wait_status(&store, id, CaseStatus::Completed).await;
         assert_eq!(case.progress, 1.0);
         assert_eq!(
-            case.done.iter().map(|d| d.name.as_str()).collect::<Vec<_>>(),
+            case.done
+                .iter()
+                .map(|d| d.name.as_str())
+                .collect::<Vec<_>>(),
             ["upload", "interpret", "simulate", "download"]
         );
         let history = store.history(&id.as_str().into()).unwrap();
         assert_eq!(history.first().unwrap().to, CaseStatus::New);
         assert_eq!(history.last().unwrap().to, CaseStatus::Completed);
         assert!(
-            history.iter().any(|h| h.reason.contains("simulate attempt 1 dispatched on GPU local:")),
+            history.iter().any(|h| h
+                .reason
+                .contains("simulate attempt 1 dispatched on GPU local:")),
             "{history:#?}"
         );
         let mut lines = ledger_for(id);
         lines.sort();
-        assert_eq!(lines, [format!("{id} interpret 1"), format!("{id} simulate 1")]);
+        assert_eq!(
+            lines,
+            [format!("{id} interpret 1"), format!("{id} simulate 1")]
+        );
         let results = server.app.config.results_dir().join(id).join("Dose");
         let doses = std::fs::read_dir(&results)
             .unwrap_or_else(|e| panic!("{}: {e}", results.display()))
             .count();
         assert_eq!(doses, 2, "one RTDOSE per beam came back");
     }
-    assert!(store.leases().unwrap().is_empty(), "no GPU lease left behind");
+    assert!(
+        store.leases().unwrap().is_empty(),
+        "no GPU lease left behind"
+    );
     assert_eq!(store.outbox_len().unwrap(), 0);
     server.stop().await;
 }
@@ -89,11 +100,20 @@ async fn a_failing_step_fails_the_case_with_a_structured_reason_and_retry_case_r
     assert_eq!(failure.phase, "execute");
     assert_eq!(failure.step.as_deref(), Some("simulate"));
     assert_eq!(failure.error_type, "RunningError");
-    assert!(failure.output_tail.contains("FATAL ERROR"), "{}", failure.output_tail);
-    assert!(store.leases().unwrap().is_empty(), "the GPU was released on failure");
+    assert!(
+        failure.output_tail.contains("FATAL ERROR"),
+        "{}",
+        failure.output_tail
+    );
+    assert!(
+        store.leases().unwrap().is_empty(),
+        "the GPU was released on failure"
+    );
 
     let mut rpc = Rpc::connect(&server.url()).await;
-    let refused = rpc.call("retry_case", json!({"case_id": "no-such-case"})).await;
+    let refused = rpc
+        .call("retry_case", json!({"case_id": "no-such-case"}))
+        .await;
     assert_eq!(refused["status"], "failure");
     // The operator fixes the input where the failed step reads it: the retry resumes at
     // `simulate`, on the copy uploaded to the host, without uploading again.
@@ -121,9 +141,16 @@ async fn retryable_output_is_retried_with_backoff_until_the_budget_is_used() {
     assert_eq!(failure.category, mqic::protocol::FailureCategory::Retryable);
     assert_eq!(failure.attempt, Some(3));
     let history = store.history(&id.as_str().into()).unwrap();
-    let retries = history.iter().filter(|h| h.reason.contains("retry ") && h.to == CaseStatus::Queued).count();
+    let retries = history
+        .iter()
+        .filter(|h| h.reason.contains("retry ") && h.to == CaseStatus::Queued)
+        .count();
     assert_eq!(retries, 2, "{history:#?}");
-    assert!(history.last().unwrap().reason.contains("retry budget of 3 attempts used up"));
+    assert!(history
+        .last()
+        .unwrap()
+        .reason
+        .contains("retry budget of 3 attempts used up"));
     server.stop().await;
 }
 
@@ -136,7 +163,9 @@ async fn cancel_case_kills_the_running_step_and_frees_its_gpu() {
     std::fs::write(dir.join("MQIC_DEMO_FAIL"), "hang\n").unwrap();
     mqic::demo::cases::mark_ready(&dir).unwrap();
     let case = wait_case(&store, &id, "simulate running with a pid", |c| {
-        c.step.as_ref().is_some_and(|r| r.name == "simulate" && r.pid.is_some())
+        c.step
+            .as_ref()
+            .is_some_and(|r| r.name == "simulate" && r.pid.is_some())
     })
     .await;
     let pid = case.step.unwrap().pid.unwrap() as i32;
@@ -148,12 +177,21 @@ async fn cancel_case_kills_the_running_step_and_frees_its_gpu() {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     // SAFETY: signal 0 only checks that the process exists.
     while unsafe { libc::kill(pid, 0) } == 0 {
-        assert!(tokio::time::Instant::now() < deadline, "step process {pid} still alive after cancel");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "step process {pid} still alive after cancel"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let again = rpc.call("cancel_case", json!({"case_id": id})).await;
     assert_eq!(again["status"], "failure");
-    assert!(again["payload"]["error"].as_str().unwrap().contains("CANCELLED"), "{again}");
+    assert!(
+        again["payload"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("CANCELLED"),
+        "{again}"
+    );
     server.stop().await;
 }
 
@@ -172,7 +210,11 @@ async fn bad_message(ch: &lapin::Channel, body: &[u8]) {
 }
 
 fn header(props: &BasicProperties, name: &str) -> String {
-    match props.headers().as_ref().and_then(|h| h.inner().get(name).cloned()) {
+    match props
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get(name).cloned())
+    {
         Some(AMQPValue::LongString(s)) => s.to_string(),
         other => panic!("header {name}: {other:?}"),
     }
@@ -187,13 +229,27 @@ async fn malformed_envelopes_are_dead_lettered_with_their_reason_and_work_goes_o
     ch.confirm_select(Default::default()).await.unwrap();
     bad_message(&ch, b"this is not json").await;
     bad_message(&ch, br#"{"command":"launch","payload":{}}"#).await;
-    bad_message(&ch, br#"{"command":"new_case_found","payload":{"case_id":"x"}}"#).await;
+    bad_message(
+        &ch,
+        br#"{"command":"new_case_found","payload":{"case_id":"x"}}"#,
+    )
+    .await;
     bad_message(&ch, br#"{"command":"upload_case","payload":{"case_id":"x","step":"s","attempt":1,"host":"local","local_dir":"/a","remote_dir":"/b"}}"#).await;
     let mut reasons = Vec::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     while reasons.len() < 4 {
-        assert!(tokio::time::Instant::now() < deadline, "dead letters so far: {reasons:?}");
-        match ch.basic_get("conductor_queue.dlq".into(), BasicGetOptions { no_ack: true }).await.unwrap() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "dead letters so far: {reasons:?}"
+        );
+        match ch
+            .basic_get(
+                "conductor_queue.dlq".into(),
+                BasicGetOptions { no_ack: true },
+            )
+            .await
+            .unwrap()
+        {
             Some(m) => reasons.push((
                 header(&m.delivery.properties, "x-mqic-error"),
                 header(&m.delivery.properties, "x-mqic-reason"),
@@ -204,7 +260,10 @@ async fn malformed_envelopes_are_dead_lettered_with_their_reason_and_work_goes_o
         }
     }
     assert_eq!(reasons[0].0, "not_json");
-    assert_eq!(reasons[0].3, "this is not json", "the body is kept as it was");
+    assert_eq!(
+        reasons[0].3, "this is not json",
+        "the body is kept as it was"
+    );
     assert_eq!(reasons[1].0, "unknown_command");
     assert!(reasons[1].1.contains("launch"));
     assert_eq!(reasons[2].0, "bad_payload");
@@ -253,20 +312,34 @@ async fn rpc_methods_answer_and_unknown_ones_or_versions_get_a_failure_reply() {
     let tasks = rpc.call("list_tasks", json!({})).await;
     assert_eq!(tasks["payload"], json!([]));
     let workers = rpc.call("list_workers", json!({})).await;
-    let roles: Vec<&str> = workers["payload"].as_array().unwrap().iter().filter_map(|w| w["role"].as_str()).collect();
+    let roles: Vec<&str> = workers["payload"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|w| w["role"].as_str())
+        .collect();
     for role in ["conductor", "executor", "transfer", "scanner", "relay"] {
         assert!(roles.contains(&role), "{role} in {roles:?}");
     }
 
     let unknown = rpc.call("reboot", json!({})).await;
     assert_eq!(unknown["status"], "failure");
-    assert!(unknown["payload"]["error"].as_str().unwrap().contains("unknown method"));
+    assert!(unknown["payload"]["error"]
+        .as_str()
+        .unwrap()
+        .contains("unknown method"));
     let v2 = rpc
-        .raw("methods.get_status", json!({"command": "get_status", "payload": {}, "version": "2.0.0", "session_id": "s2"}))
+        .raw(
+            "methods.get_status",
+            json!({"command": "get_status", "payload": {}, "version": "2.0.0", "session_id": "s2"}),
+        )
         .await;
     assert_eq!(v2["status"], "failure");
     assert_eq!(v2["session_id"], "s2");
-    assert!(v2["payload"]["error"].as_str().unwrap().contains("unsupported protocol version"));
+    assert!(v2["payload"]["error"]
+        .as_str()
+        .unwrap()
+        .contains("unsupported protocol version"));
     let garbage = rpc.raw("methods.get_status", json!("garbage")).await;
     assert_eq!(garbage["status"], "failure");
     server.stop().await;
@@ -279,12 +352,26 @@ async fn case_events_are_routed_on_the_events_topic_exchange() {
     let conn = server.lapin().await;
     let ch = conn.create_channel().await.unwrap();
     let q = declare_queue(&ch, "watch-cases").await;
-    ch.queue_bind(q.as_str().into(), "mqic.events".into(), "case.#".into(), QueueBindOptions::default(), FieldTable::default())
-        .await
-        .unwrap();
+    ch.queue_bind(
+        q.as_str().into(),
+        "mqic.events".into(),
+        "case.#".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
     let id = drop_case(&workflow::scan_dir(&server), 206);
     let mut consumer = ch
-        .basic_consume(q.as_str().into(), "watch".into(), BasicConsumeOptions { no_ack: true, ..Default::default() }, FieldTable::default())
+        .basic_consume(
+            q.as_str().into(),
+            "watch".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
         .await
         .unwrap();
     let mut keys = Vec::new();
@@ -300,7 +387,10 @@ async fn case_events_are_routed_on_the_events_topic_exchange() {
     }
     assert!(keys.contains(&format!("case.queued.{id}")), "{keys:?}");
     assert!(keys.contains(&format!("case.processing.{id}")), "{keys:?}");
-    assert!(keys.iter().all(|k| k.starts_with("case.")), "only case.# was bound: {keys:?}");
+    assert!(
+        keys.iter().all(|k| k.starts_with("case.")),
+        "only case.# was bound: {keys:?}"
+    );
     server.stop().await;
 }
 
@@ -311,10 +401,17 @@ fn a_pika_script_publishing_a_seed_new_case_found_starts_a_workflow() {
         .status()
         .is_ok_and(|s| s.success());
     if !has_pika {
-        skip("a_pika_script_publishing_a_seed_new_case_found_starts_a_workflow", "python3 with pika not found");
+        skip(
+            "a_pika_script_publishing_a_seed_new_case_found_starts_a_workflow",
+            "python3 with pika not found",
+        );
         return;
     }
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async {
         ledger_path();
         let server = workflow::start(|_| {}).await;
@@ -328,7 +425,11 @@ fn a_pika_script_publishing_a_seed_new_case_found_starts_a_workflow() {
             .output()
             .await
             .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let store = workflow::store(&server);
         let case = wait_status(&store, &id, CaseStatus::Completed).await;
         assert_eq!(case.case_path, dir.display().to_string());
@@ -338,7 +439,11 @@ fn a_pika_script_publishing_a_seed_new_case_found_starts_a_workflow() {
 
 /// A free loopback port (bound and released; good enough for a test).
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -350,10 +455,19 @@ async fn the_remote_bus_runs_the_pipeline_over_tcp_against_mqic() {
         c.broker.url = Some(format!("amqp://guest:guest@127.0.0.1:{port}/%2F"));
     })
     .await;
-    assert!(server.app.pipeline.bus.describe().contains("127.0.0.1"), "{}", server.app.pipeline.bus.describe());
-    assert!(!server.app.pipeline.bus.describe().contains("guest:guest"), "no password in descriptions");
+    assert!(
+        server.app.pipeline.bus.describe().contains("127.0.0.1"),
+        "{}",
+        server.app.pipeline.bus.describe()
+    );
+    assert!(
+        !server.app.pipeline.bus.describe().contains("guest:guest"),
+        "no password in descriptions"
+    );
     let store = workflow::store(&server);
-    let ids: Vec<String> = (301..303).map(|n| drop_case(&workflow::scan_dir(&server), n)).collect();
+    let ids: Vec<String> = (301..303)
+        .map(|n| drop_case(&workflow::scan_dir(&server), n))
+        .collect();
     for id in &ids {
         wait_status(&store, id, CaseStatus::Completed).await;
         assert_eq!(ledger_for(id).len(), 2);
@@ -364,7 +478,10 @@ async fn the_remote_bus_runs_the_pipeline_over_tcp_against_mqic() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_remote_bus_runs_the_pipeline_against_a_real_rabbitmq() {
     let Ok(url) = std::env::var("MQIC_TEST_RABBITMQ_URL") else {
-        skip("the_remote_bus_runs_the_pipeline_against_a_real_rabbitmq", "MQIC_TEST_RABBITMQ_URL not set (no RabbitMQ)");
+        skip(
+            "the_remote_bus_runs_the_pipeline_against_a_real_rabbitmq",
+            "MQIC_TEST_RABBITMQ_URL not set (no RabbitMQ)",
+        );
         return;
     };
     ledger_path();
@@ -398,14 +515,30 @@ async fn an_executor_in_a_separate_mqic_worker_process_runs_the_steps() {
     wait_status(&store, &id, CaseStatus::Completed).await;
     assert_eq!(ledger_for(&id).len(), 2);
     let attempts = worker_dir.path().join("attempts").join(&id);
-    assert!(attempts.join("simulate/1/output.log").exists(), "the worker process ran the step");
-    assert!(!server.app.config.data_dir.join("attempts").join(&id).exists(), "the server did not");
+    assert!(
+        attempts.join("simulate/1/output.log").exists(),
+        "the worker process ran the step"
+    );
+    assert!(
+        !server
+            .app
+            .config
+            .data_dir
+            .join("attempts")
+            .join(&id)
+            .exists(),
+        "the server did not"
+    );
     let worker_pid = child.id().unwrap();
     let mut rpc = Rpc::connect(&server.url()).await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
         let workers = rpc.call("list_workers", json!({})).await;
-        let found = workers["payload"].as_array().unwrap().iter().any(|w| w["role"] == "executor" && w["pid"] == worker_pid && w["alive"] == true);
+        let found = workers["payload"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|w| w["role"] == "executor" && w["pid"] == worker_pid && w["alive"] == true);
         if found {
             break;
         }
@@ -414,7 +547,10 @@ async fn an_executor_in_a_separate_mqic_worker_process_runs_the_steps() {
     }
     // SAFETY: the child is ours.
     unsafe { libc::kill(worker_pid as i32, libc::SIGTERM) };
-    let status = tokio::time::timeout(Duration::from_secs(15), child.wait()).await.unwrap().unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(15), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
     assert!(status.success(), "worker exits 0 on SIGTERM: {status}");
     server.stop().await;
 }
@@ -432,7 +568,12 @@ async fn a_restart_picks_up_where_the_store_left_off() {
     let (id, case_dir) = drop_unmarked_case(&workflow::scan_dir(&server), 601);
     std::fs::write(case_dir.join("MQIC_DEMO_FAIL"), "hang\n").unwrap();
     mqic::demo::cases::mark_ready(&case_dir).unwrap();
-    wait_case(&store, &id, "simulate running", |c| c.step.as_ref().is_some_and(|r| r.name == "simulate" && r.pid.is_some())).await;
+    wait_case(&store, &id, "simulate running", |c| {
+        c.step
+            .as_ref()
+            .is_some_and(|r| r.name == "simulate" && r.pid.is_some())
+    })
+    .await;
     drop(store);
     server.stop().await;
     // The step is still running, detached. A new mqic on the same data dir reattaches to

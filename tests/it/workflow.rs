@@ -68,7 +68,12 @@ pub fn drop_unmarked_case(scan: &Path, n: u32) -> (String, PathBuf) {
 }
 
 /// Polls the store until `cond` holds for the case (60 s at most).
-pub async fn wait_case(store: &Store, id: &str, what: &str, cond: impl Fn(&CaseRecord) -> bool) -> CaseRecord {
+pub async fn wait_case(
+    store: &Store,
+    id: &str,
+    what: &str,
+    cond: impl Fn(&CaseRecord) -> bool,
+) -> CaseRecord {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
         if let Some(c) = store.case(&id.into()).unwrap() {
@@ -76,7 +81,10 @@ pub async fn wait_case(store: &Store, id: &str, what: &str, cond: impl Fn(&CaseR
                 return c;
             }
             if tokio::time::Instant::now() > deadline {
-                panic!("case {id}: timed out waiting for {what}; it is {c:#?}\nhistory: {:#?}", store.history(&id.into()).unwrap());
+                panic!(
+                    "case {id}: timed out waiting for {what}; it is {c:#?}\nhistory: {:#?}",
+                    store.history(&id.into()).unwrap()
+                );
             }
         } else if tokio::time::Instant::now() > deadline {
             panic!("case {id}: timed out waiting for {what}; it was never recorded");
@@ -169,7 +177,11 @@ impl Rpc {
             .expect("consumer open")
             .expect("delivery");
         assert_eq!(
-            delivery.properties.correlation_id().as_ref().map(|c| c.as_str()),
+            delivery
+                .properties
+                .correlation_id()
+                .as_ref()
+                .map(|c| c.as_str()),
             Some(correlation.as_str()),
             "the reply carries the request's correlation_id"
         );
