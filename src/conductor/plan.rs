@@ -56,7 +56,12 @@ impl Plan {
                         StepDef {
                             config: s.clone(),
                             command: s.command.as_deref().map(parse),
-                            workdir: parse(s.workdir.as_deref().unwrap_or("{remote_case_dir}")),
+                            // Local steps work on the case where it was found; steps on a
+                            // host work in the case's directory there (made by the upload).
+                            workdir: parse(s.workdir.as_deref().unwrap_or(match s.kind {
+                                StepKind::Local => "{case_dir}",
+                                _ => "{remote_case_dir}",
+                            })),
                             source: parse(&src),
                             dest: parse(&dst),
                         }

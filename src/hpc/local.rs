@@ -480,6 +480,8 @@ impl RunHandle {
     pub async fn wait(self, mut progress: impl FnMut(Progress)) -> Outcome {
         let mut watch = self.watch;
         let emit = !self.finished;
+        // When we spawned the wrapper, its exit wakes us at once instead of at the next tick.
+        let mut exited = watch.own.clone();
         loop {
             let joined = tokio::task::spawn_blocking(move || {
                 let result = watch.poll(SystemTime::now());
@@ -499,7 +501,16 @@ impl RunHandle {
             if let Some(outcome) = outcome {
                 return outcome;
             }
-            tokio::time::sleep(POLL).await;
+            let pending_exit = exited.as_mut().filter(|rx| !*rx.borrow());
+            match pending_exit {
+                Some(rx) => {
+                    tokio::select! {
+                        _ = tokio::time::sleep(POLL) => {}
+                        _ = rx.changed() => {}
+                    }
+                }
+                None => tokio::time::sleep(POLL).await,
+            }
         }
     }
 }
