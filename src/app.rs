@@ -125,6 +125,20 @@ fn lock_data_dir(config: &mut Config) -> anyhow::Result<File> {
         .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
     config.data_dir = std::fs::canonicalize(&config.data_dir)
         .with_context(|| format!("cannot resolve data dir {}", config.data_dir.display()))?;
+    // Every other configured path too: workers confine message paths to absolute roots.
+    let absolute = |p: &mut std::path::PathBuf| -> anyhow::Result<()> {
+        if !p.as_os_str().is_empty() && p.is_relative() {
+            *p = std::path::absolute(&*p)
+                .with_context(|| format!("cannot resolve {}", p.display()))?;
+        }
+        Ok(())
+    };
+    absolute(&mut config.scanner.dir)?;
+    absolute(&mut config.conductor.results_dir)?;
+    absolute(&mut config.archiver.backup_dir)?;
+    for host in &mut config.hosts {
+        absolute(&mut host.work_root)?;
+    }
     let lock_path = config.data_dir.join("mqic.lock");
     let lock = File::create(&lock_path)
         .with_context(|| format!("cannot create {}", lock_path.display()))?;

@@ -26,6 +26,12 @@ pub enum Command {
     Demo(DemoArgs),
     /// Run one queue worker in its own process, against a broker (mqic or RabbitMQ).
     Worker(WorkerArgs),
+    /// Retry a FAILED or CANCELLED case (through the running daemon).
+    Retry(CaseArgs),
+    /// Cancel a case; a running step is killed (through the running daemon).
+    Cancel(CaseArgs),
+    /// Archive finished cases past the retention age and back up the store now.
+    Archive(DaemonArgs),
     /// Inspect configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -66,6 +72,21 @@ pub struct DemoArgs {
     /// Cases of realistic size (about 45 MB and 220 files each) instead of tiny ones.
     #[arg(long)]
     pub realistic: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct DaemonArgs {
+    /// The broker the daemon's conductor listens on.
+    #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672/%2F")]
+    pub broker: String,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct CaseArgs {
+    /// The case id.
+    pub case_id: String,
+    #[command(flatten)]
+    pub daemon: DaemonArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -162,6 +183,21 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
             init_logging(&config)?;
             runtime()?.block_on(crate::app::worker(config, args.role))
         }
+        Command::Retry(args) => rpc_command(
+            &args.daemon,
+            crate::protocol::rpc::Method::RetryCase,
+            serde_json::json!({ "case_id": args.case_id }),
+        ),
+        Command::Cancel(args) => rpc_command(
+            &args.daemon,
+            crate::protocol::rpc::Method::CancelCase,
+            serde_json::json!({ "case_id": args.case_id }),
+        ),
+        Command::Archive(args) => rpc_command(
+            &args,
+            crate::protocol::rpc::Method::ArchiveData,
+            serde_json::json!({}),
+        ),
         Command::Config(ConfigCommand::Check { file }) => {
             Config::load(&file)?;
             println!("ok: {}", file.display());
@@ -193,6 +229,39 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// Sends one RPC to the running daemon and prints its answer; a failure reply or an
+/// unreachable daemon is one line and a non-zero exit.
+fn rpc_command(
+    daemon: &DaemonArgs,
+    method: crate::protocol::rpc::Method,
+    payload: serde_json::Value,
+) -> anyhow::Result<()> {
+    use crate::protocol::rpc::Status;
+    runtime()?.block_on(async {
+        let bus = crate::bus::RemoteBus::connect(&daemon.broker)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot reach the mqic daemon: {e}"))?;
+        let reply =
+            crate::conductor::rpc::call(&bus, method, payload, std::time::Duration::from_secs(15))
+                .await
+                .map_err(|e| anyhow::anyhow!("{}: {e}", method.name()))?;
+        bus.close().await;
+        match reply.status {
+            Status::Success => {
+                println!("{}", reply.payload);
+                Ok(())
+            }
+            Status::Failure => {
+                let why = reply.payload["error"]
+                    .as_str()
+                    .map(str::to_string)
+                    .unwrap_or_else(|| reply.payload.to_string());
+                anyhow::bail!("{}: {why}", method.name())
+            }
+        }
+    })
+}
+
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -207,12 +276,15 @@ fn init_logging(config: &Config) -> anyhow::Result<()> {
         _ => EnvFilter::try_new(&config.log.level)
             .map_err(|e| anyhow::anyhow!("log.level '{}': {e}", config.log.level))?,
     };
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
+    // Log lines also go to the `mqic.logs` exchange once the pipeline runs.
     match config.log.format {
-        LogFormat::Human => builder.init(),
-        LogFormat::Json => builder.json().init(),
+        LogFormat::Human => builder.finish().with(crate::logbus::layer()).init(),
+        LogFormat::Json => builder.json().finish().with(crate::logbus::layer()).init(),
     }
     Ok(())
 }

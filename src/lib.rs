@@ -13,6 +13,7 @@
 //! - [`conductor`]: the case state machine and its driver.
 //! - [`workers`]: scanner, executor, transfer, archiver.
 //! - [`hpc`]: where steps run (the local backend).
+//! - [`logbus`]: log lines on the `mqic.logs` exchange, by severity.
 //! - [`pipeline`]: wiring: store, recovery, bus, and every worker task.
 //! - [`demo`]: synthetic cases, MOQUI and interpreter stand-ins, the demo's progress view.
 
@@ -24,6 +25,7 @@ pub mod conductor;
 pub mod config;
 pub mod demo;
 pub mod hpc;
+pub mod logbus;
 pub mod memory;
 pub mod pipeline;
 pub mod protocol;

@@ -190,6 +190,9 @@ pub async fn start(
             shutdown.clone(),
         ));
     }
+    if let Some(lines) = crate::logbus::take_receiver() {
+        tasks.spawn(crate::logbus::publish(bus.clone(), lines, shutdown.clone()));
+    }
     tasks.spawn(heartbeats(bus.clone(), workers.clone(), shutdown));
     Ok(Pipeline {
         conductor,

@@ -88,9 +88,18 @@ impl Conductor {
             }
             reclaim_orphan_leases(tx)?;
             let mut resent = 0;
-            for case in self.store_cases_in(tx)? {
+            for mut case in self.store_cases_in(tx)? {
                 if case.status != CaseStatus::Processing {
                     continue;
+                }
+                // While mqic was down nobody could report; give in-flight steps the grace
+                // period to report again before their deadline reclaims the lease.
+                if let Some(run) = case.step.as_mut() {
+                    let floor = now + self.plan.lease_grace_ms;
+                    if run.deadline_ms < floor {
+                        run.deadline_ms = floor;
+                        tx.put_case(&case)?;
+                    }
                 }
                 let (Some(run), Some(workflow)) = (&case.step, self.plan.workflow(&case.workflow))
                 else {
@@ -147,6 +156,12 @@ impl Conductor {
                 return Ok(false);
             }
             if tx.case(&new.case_id)?.is_some() {
+                return Ok(false);
+            }
+            if tx.is_archived(&new.case_id)? {
+                // Its attempt directories still exist on the hosts; starting again at
+                // attempt 1 would find the old results. An operator renames the folder.
+                tracing::warn!(case = %new.case_id, "new_case_found for an archived case; ignored");
                 return Ok(false);
             }
             let mut case = CaseRecord {
@@ -250,9 +265,14 @@ impl Conductor {
                     })?;
                 }
                 Effect::TakeGpu(lease) => {
-                    // free_gpu looked in this same transaction, so the GPU is free.
-                    let taken = tx.take_lease(&lease)?;
-                    debug_assert!(taken, "lease {} was free in this transaction", lease.gpu);
+                    // free_gpu looked in this same transaction, so the GPU is free; if not,
+                    // the whole decision is aborted rather than run without a lease.
+                    if !tx.take_lease(&lease)? {
+                        return Err(crate::store::StoreError::Conflict(format!(
+                            "GPU {} is already leased",
+                            lease.gpu
+                        )));
+                    }
                 }
                 Effect::ReleaseGpu(gpu) => {
                     tx.release_lease(&gpu, &case.case_id)?;
@@ -296,9 +316,18 @@ impl Conductor {
     /// Ticks every unfinished case that may have something due; returns how many changed.
     pub fn tick_all(&self) -> StoreResult<usize> {
         let now = now_ms();
-        let cases = self.store.cases()?;
-        let any_free =
-            self.store.leases()?.len() < self.store.gpus()?.iter().filter(|g| g.usable).count();
+        let mut cases = self.store.cases()?;
+        // Longest-waiting first, so a free GPU goes to the case that has waited longest.
+        cases.sort_by_key(|c| c.updated_ms);
+        let usable: Vec<GpuKey> = self
+            .store
+            .gpus()?
+            .into_iter()
+            .filter(|g| g.usable)
+            .map(|g| g.gpu)
+            .collect();
+        let leased = self.store.leases()?;
+        let any_free = usable.iter().any(|g| !leased.iter().any(|l| &l.gpu == g));
         let mut changed = 0;
         for case in cases {
             let due = match case.status {

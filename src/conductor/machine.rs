@@ -142,6 +142,29 @@ pub fn decide(
             ))),
         };
     };
+    // The workflow may have lost steps in a config change while the case was under way.
+    if case.step_index >= workflow.steps.len() && !case.status.is_terminal() {
+        if input == Input::Cancel {
+            d.cancel()?;
+        } else {
+            d.fail(Failure {
+                category: FailureCategory::Permanent,
+                phase: "dispatch".into(),
+                code: "workflow_changed".into(),
+                detail: format!(
+                    "workflow '{}' has {} steps now; the case was at step {}",
+                    workflow.name,
+                    workflow.steps.len(),
+                    case.step_index + 1
+                ),
+                step: None,
+                attempt: None,
+                error_type: "ConfigError".into(),
+                output_tail: String::new(),
+            })?;
+        }
+        return Ok(d.finish());
+    }
     match input {
         Input::Found => {
             if case.status != CaseStatus::New {
@@ -154,6 +177,19 @@ pub fn decide(
                 CaseStatus::Queued,
                 &format!("accepted for workflow {}", workflow.name),
             )?;
+            if let Some(problem) = case.case_id.problem() {
+                d.fail(Failure {
+                    category: FailureCategory::Permanent,
+                    phase: "intake".into(),
+                    code: "invalid_case_id".into(),
+                    detail: problem,
+                    step: None,
+                    attempt: None,
+                    error_type: "InvalidCaseId".into(),
+                    output_tail: String::new(),
+                })?;
+                return Ok(d.finish());
+            }
             d.dispatch(workflow)?;
         }
         Input::Tick => d.tick(workflow)?,
@@ -163,7 +199,13 @@ pub fn decide(
             if run.started_ms.is_some() && run.pid == pid {
                 return Err(Rejected::Unchanged);
             }
-            run.started_ms.get_or_insert(ctx.now_ms);
+            if run.started_ms.is_none() {
+                // The timeout counts from the start, not from the dispatch: an attempt may
+                // wait for an executor slot first (the executor times the process itself).
+                run.started_ms = Some(ctx.now_ms);
+                let def = &workflow.steps[d.case.step_index];
+                run.deadline_ms = ctx.now_ms + def.config.timeout_secs * 1000 + plan.lease_grace_ms;
+            }
             run.pid = pid;
             let reason = match pid {
                 Some(p) => format!("step {step} attempt {attempt} started (pid {p})"),
@@ -230,18 +272,22 @@ pub fn decide(
             attempt,
             failure,
         } => {
-            match (&step, attempt) {
-                (Some(s), Some(a)) => d.current(s, a)?,
+            // Seed-format senders may name only the step, only the attempt, or neither;
+            // whatever they name must match the attempt in flight.
+            let run = match (&d.case.step, d.case.status) {
+                (Some(r), CaseStatus::Processing) => r.clone(),
                 _ => {
-                    if d.case.status != CaseStatus::Processing {
-                        return Err(Rejected::Stale(format!(
-                            "failure for case {} which is {}",
-                            case.case_id,
-                            case.status.name()
-                        )));
-                    }
+                    return Err(Rejected::Stale(format!(
+                        "failure for case {} which is {}",
+                        case.case_id,
+                        case.status.name()
+                    )))
                 }
-            }
+            };
+            d.current(
+                step.as_deref().unwrap_or(&run.name),
+                attempt.unwrap_or(run.attempt),
+            )?;
             let def = &workflow.steps[d.case.step_index];
             d.step_failed(def, failure)?;
         }
@@ -1035,6 +1081,82 @@ kind = "download"
             r.feed(Input::Found).unwrap_err(),
             Rejected::Stale(_)
         ));
+    }
+
+    #[test]
+    fn a_seed_failure_naming_only_a_step_must_name_the_current_one() {
+        let mut r = Run::new();
+        r.ok(Input::Found);
+        r.succeed("upload");
+        let failure = Failure {
+            category: FailureCategory::Permanent,
+            phase: "execute".into(),
+            code: "running_error".into(),
+            detail: "x".into(),
+            step: None,
+            attempt: None,
+            error_type: "RunningError".into(),
+            output_tail: String::new(),
+        };
+        let wrong = Input::Failed {
+            step: Some("upload".into()),
+            attempt: None,
+            failure: failure.clone(),
+        };
+        assert!(matches!(r.feed(wrong).unwrap_err(), Rejected::Stale(_)));
+        let wrong_attempt = Input::Failed {
+            step: None,
+            attempt: Some(7),
+            failure: failure.clone(),
+        };
+        assert!(matches!(
+            r.feed(wrong_attempt).unwrap_err(),
+            Rejected::Stale(_)
+        ));
+        r.ok(Input::Failed {
+            step: None,
+            attempt: None,
+            failure,
+        });
+        assert_eq!(r.case.status, Failed);
+    }
+
+    #[test]
+    fn an_unsafe_case_id_fails_at_intake_and_a_shrunk_workflow_fails_in_flight_cases() {
+        for bad in ["Patient 1", "-rf", ".hidden", "a/b", "x;y"] {
+            let mut r = Run::new();
+            r.case.case_id = bad.into();
+            let d = r.ok(Input::Found);
+            assert_eq!(r.case.status, Failed, "{bad}");
+            assert_eq!(r.case.failure.as_ref().unwrap().code, "invalid_case_id");
+            assert!(sends(&d).is_empty(), "{bad}: nothing is dispatched");
+        }
+        let mut r = Run::new();
+        r.ok(Input::Found);
+        r.succeed("upload");
+        r.plan
+            .workflows
+            .get_mut("default")
+            .unwrap()
+            .steps
+            .truncate(1);
+        r.ok(Input::Tick);
+        assert_eq!(r.case.status, Failed);
+        assert_eq!(r.case.failure.as_ref().unwrap().code, "workflow_changed");
+    }
+
+    #[test]
+    fn the_timeout_counts_from_the_start_not_the_dispatch() {
+        let mut r = Run::new();
+        r.ok(Input::Found);
+        r.succeed("upload");
+        r.now += 50_000;
+        r.ok(Input::Started {
+            step: "simulate".into(),
+            attempt: 1,
+            pid: Some(1),
+        });
+        assert_eq!(r.case.step.as_ref().unwrap().deadline_ms, r.now + 105_000);
     }
 
     #[test]

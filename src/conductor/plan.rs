@@ -47,26 +47,28 @@ impl Plan {
             .workflows
             .iter()
             .map(|(name, w)| {
-                let steps = w
-                    .steps
-                    .iter()
-                    .map(|s| {
-                        let (src, dst) = s.transfer_paths();
-                        let parse = |t: &str| Template::parse(t).expect("validated at load");
-                        StepDef {
-                            config: s.clone(),
-                            command: s.command.as_deref().map(parse),
-                            // Local steps work on the case where it was found; steps on a
-                            // host work in the case's directory there (made by the upload).
-                            workdir: parse(s.workdir.as_deref().unwrap_or(match s.kind {
-                                StepKind::Local => "{case_dir}",
-                                _ => "{remote_case_dir}",
-                            })),
-                            source: parse(&src),
-                            dest: parse(&dst),
-                        }
-                    })
-                    .collect();
+                let steps =
+                    w.steps
+                        .iter()
+                        .map(|s| {
+                            let (src, dst) = s.transfer_paths();
+                            let parse = |t: &str| Template::parse(t).expect("validated at load");
+                            StepDef {
+                                config: s.clone(),
+                                command: s.command.as_deref().map(|c| {
+                                    Template::parse_command(c).expect("validated at load")
+                                }),
+                                // Local steps work on the case where it was found; steps on a
+                                // host work in the case's directory there (made by the upload).
+                                workdir: parse(s.workdir.as_deref().unwrap_or(match s.kind {
+                                    StepKind::Local => "{case_dir}",
+                                    _ => "{remote_case_dir}",
+                                })),
+                                source: parse(&src),
+                                dest: parse(&dst),
+                            }
+                        })
+                        .collect();
                 (
                     name.clone(),
                     WorkflowDef {

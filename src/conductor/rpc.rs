@@ -254,3 +254,43 @@ async fn serve_one(conductor: &Arc<Conductor>, bus: &dyn Bus, delivery: Delivery
     }
     delivery.ack();
 }
+
+/// The client side: sends one request through `bus` and waits for its reply (at most
+/// `timeout`). The CLI uses this; so can any tool with a bus.
+pub async fn call(
+    bus: &dyn Bus,
+    method: Method,
+    payload: Value,
+    timeout: std::time::Duration,
+) -> Result<Reply, String> {
+    let mut replies = bus.reply_queue().await.map_err(|e| e.to_string())?;
+    let correlation = uuid::Uuid::new_v4().to_string();
+    let request = crate::protocol::rpc::Request::new(method, payload);
+    let out = Outgoing {
+        exchange: crate::protocol::rpc::RPC_EXCHANGE.to_string(),
+        routing_key: method.routing_key(),
+        body: Bytes::from(serde_json::to_vec(&request).expect("requests serialize")),
+        correlation_id: Some(correlation.clone()),
+        reply_to: Some(replies.queue.clone()),
+        mandatory: true,
+        ..Outgoing::default()
+    };
+    bus.publish(out).await.map_err(|e| match e {
+        crate::bus::BusError::Unroutable(_) => {
+            "no conductor is listening (is `mqic serve` running on this broker?)".to_string()
+        }
+        other => other.to_string(),
+    })?;
+    let wait = async {
+        while let Some(d) = replies.next().await {
+            if d.correlation_id.as_deref() == Some(correlation.as_str()) {
+                return serde_json::from_slice::<Reply>(&d.body)
+                    .map_err(|e| format!("malformed reply: {e}"));
+            }
+        }
+        Err("the connection closed before the reply came".to_string())
+    };
+    tokio::time::timeout(timeout, wait)
+        .await
+        .map_err(|_| format!("no reply within {timeout:?}"))?
+}

@@ -38,6 +38,10 @@ pub enum TemplateError {
     Unclosed(usize),
     #[error("a lone '}}' at byte {0} (write '}}}}' for a literal brace)")]
     LoneClose(usize),
+    #[error(
+        "placeholder {{{0}}} is inside quotes; write it bare, it is quoted for the shell already"
+    )]
+    Quoted(String),
 }
 
 impl Template {
@@ -78,6 +82,34 @@ impl Template {
             parts.push(Part::Text(literal));
         }
         Ok(Template { parts })
+    }
+
+    /// Parses a shell command template. Placeholders must stand outside quotes: a value
+    /// quoted by [`shell_quote`] inside `"..."` would be expanded by the shell again.
+    pub fn parse_command(text: &str) -> Result<Template, TemplateError> {
+        let template = Template::parse(text)?;
+        let (mut single, mut double) = (false, false);
+        for part in &template.parts {
+            match part {
+                Part::Text(t) => {
+                    let mut escaped = false;
+                    for c in t.chars() {
+                        match c {
+                            _ if escaped => escaped = false,
+                            '\\' if !single => escaped = true,
+                            '\'' if !double => single = !single,
+                            '"' if !single => double = !double,
+                            _ => {}
+                        }
+                    }
+                }
+                Part::Placeholder(p) if single || double => {
+                    return Err(TemplateError::Quoted(p.to_string()))
+                }
+                Part::Placeholder(_) => {}
+            }
+        }
+        Ok(template)
     }
 
     /// Renders for a shell: every value is quoted. A placeholder with no value renders as
@@ -154,6 +186,28 @@ mod tests {
             Template::parse("awk '}'"),
             Err(TemplateError::LoneClose(_))
         ));
+    }
+
+    #[test]
+    fn placeholders_inside_quotes_are_refused_in_commands() {
+        for bad in [
+            r#"run "{case_dir}""#,
+            "run '{case_id}'",
+            r#"sh -c "cd {case_dir} && go""#,
+        ] {
+            assert!(
+                matches!(Template::parse_command(bad), Err(TemplateError::Quoted(_))),
+                "{bad}"
+            );
+        }
+        for good in [
+            "run {case_dir}",
+            r#"run "literal" {case_dir} 'x'"#,
+            r#"echo \" {case_id}"#,
+            "MQIC=${{X:-1}} run {case_id}",
+        ] {
+            assert!(Template::parse_command(good).is_ok(), "{good}");
+        }
     }
 
     #[test]

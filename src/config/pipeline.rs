@@ -397,7 +397,8 @@ impl PipelineConfig<'_> {
                             )
                             .to_lowercase());
                         };
-                        Template::parse(command).map_err(|e| format!("{key}.command: {e}"))?;
+                        Template::parse_command(command)
+                            .map_err(|e| format!("{key}.command: {e}"))?;
                         if s.source.is_some() || s.dest.is_some() {
                             return Err(format!(
                                 "{key}: source/dest are for upload and download steps"

@@ -21,6 +21,28 @@ impl CaseId {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// Why this id cannot name a case, if it cannot. A case id becomes a directory name on
+    /// every host and a word in commands, so it is letters, digits, `.`, `_` and `-` only,
+    /// does not start with `.` or `-`, and is at most 200 bytes.
+    pub fn problem(&self) -> Option<String> {
+        let id = &self.0;
+        if id.is_empty() || id.len() > 200 {
+            return Some(format!("case id '{id}' must be 1 to 200 bytes long"));
+        }
+        if id.starts_with('.') || id.starts_with('-') {
+            return Some(format!("case id '{id}' must not start with '.' or '-'"));
+        }
+        if let Some(c) = id
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+        {
+            return Some(format!(
+                "case id '{id}' contains {c:?}; use letters, digits, '.', '_' and '-' (rename the folder)"
+            ));
+        }
+        None
+    }
 }
 
 impl fmt::Display for CaseId {

@@ -45,6 +45,9 @@ pub enum StoreError {
     TooNew { path: PathBuf, found: u64 },
     #[error("backup {path}: {reason}")]
     Backup { path: PathBuf, reason: String },
+    /// A write found the store not as the caller's decision assumed; the transaction aborts.
+    #[error("store conflict: {0}")]
+    Conflict(String),
 }
 
 macro_rules! redb_err {
@@ -466,6 +469,15 @@ impl Tx<'_> {
             .open_table(WORKERS)?
             .insert(w.name.as_str(), encode(w).as_slice())?;
         Ok(())
+    }
+
+    /// Whether the case was moved to the archive.
+    pub fn is_archived(&self, id: &CaseId) -> StoreResult<bool> {
+        Ok(self
+            .txn
+            .open_table(ARCHIVED_CASES)?
+            .get(id.as_str())?
+            .is_some())
     }
 
     /// Records a scanned case; false if it was already recorded.

@@ -55,8 +55,20 @@ impl Archiver {
             .map_err(|e| e.to_string())?;
         std::fs::create_dir_all(&self.backup_dir)
             .map_err(|e| format!("cannot create {}: {e}", self.backup_dir.display()))?;
+        // Written under a temporary name and renamed once verified, so a failed backup can
+        // never count as one (and push a good one out of the rotation).
         let backup = self.next_backup_path();
-        let rows_copied = self.store.backup_to(&backup).map_err(|e| e.to_string())?;
+        let partial = backup.with_extension("redb.partial");
+        let _ = std::fs::remove_file(&partial);
+        let rows_copied = match self.store.backup_to(&partial) {
+            Ok(rows) => rows,
+            Err(e) => {
+                let _ = std::fs::remove_file(&partial);
+                return Err(e.to_string());
+            }
+        };
+        std::fs::rename(&partial, &backup)
+            .map_err(|e| format!("cannot rename {}: {e}", partial.display()))?;
         let mut backups = list_backups(&self.backup_dir);
         let mut removed = Vec::new();
         while backups.len() > self.config.keep_backups.max(1) {

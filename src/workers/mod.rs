@@ -15,6 +15,7 @@ pub mod executor;
 pub mod scanner;
 pub mod transfer;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -102,6 +103,16 @@ pub async fn dead_letter(bus: &dyn Bus, queue: &str, delivery: Delivery, kind: &
     }
 }
 
+/// A message whose handling failed this many times is dead-lettered.
+pub const MAX_HANDLING_FAILURES: u32 = 5;
+
+fn body_key(body: &[u8]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    body.hash(&mut h);
+    h.finish()
+}
+
 /// What a worker does with one decoded message.
 pub enum Handled {
     /// Done: ack it.
@@ -129,6 +140,9 @@ pub async fn consume<F, Fut>(
     Fut: std::future::Future<Output = (Handled, Option<Delivery>)>,
 {
     let mut backoff = Duration::from_millis(100);
+    // How often each message (by body) failed to be handled: one that keeps failing is
+    // dead-lettered instead of being retried forever.
+    let mut failures: HashMap<u64, u32> = HashMap::new();
     loop {
         if *shutdown.borrow() {
             return;
@@ -166,10 +180,27 @@ pub async fn consume<F, Fut>(
                     continue;
                 }
             };
+            let key = body_key(&delivery.body);
             let (outcome, delivery) = handle(envelope, delivery).await;
             match (outcome, delivery) {
-                (Handled::Ack, Some(d)) => d.ack(),
+                (Handled::Ack, Some(d)) => {
+                    failures.remove(&key);
+                    d.ack()
+                }
                 (Handled::Retry, Some(d)) => {
+                    let n = failures.entry(key).or_insert(0);
+                    *n += 1;
+                    if *n >= MAX_HANDLING_FAILURES {
+                        failures.remove(&key);
+                        let reason = format!(
+                            "could not be handled after {MAX_HANDLING_FAILURES} attempts (see the log)"
+                        );
+                        dead_letter(bus.as_ref(), queue, d, "handling_failed", &reason).await;
+                        continue;
+                    }
+                    if failures.len() > 10_000 {
+                        failures.clear();
+                    }
                     tokio::time::sleep(Duration::from_millis(200)).await;
                     d.nack(true)
                 }

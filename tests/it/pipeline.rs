@@ -592,3 +592,100 @@ async fn a_restart_picks_up_where_the_store_left_off() {
     assert_eq!(reply["payload"]["status"], "CANCELLED", "{reply}");
     server.stop().await;
 }
+
+#[test]
+fn retry_cancel_and_archive_from_the_command_line_talk_to_the_daemon() {
+    let serve = crate::process::ServeProcess::start(&[]);
+    let url = serve.url();
+    let out = mqic()
+        .args(["cancel", "no-such-case", "--broker", &url])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("cancel_case: no case `no-such-case`"), "{err}");
+    let out = mqic()
+        .args(["retry", "no-such-case", "--broker", &url])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("retry_case: no case"));
+    let out = mqic().args(["archive", "--broker", &url]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("\"queued\":true"));
+    let (status, _) = serve.terminate();
+    assert!(status.success());
+
+    let port = free_port();
+    let out = mqic()
+        .args([
+            "cancel",
+            "x",
+            "--broker",
+            &format!("amqp://guest:guest@127.0.0.1:{port}/%2F"),
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("cannot reach the mqic daemon"), "{err}");
+    assert!(!err.contains("guest:guest"), "no password in errors: {err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_lines_are_published_on_the_logs_exchange_by_severity() {
+    let serve = crate::process::ServeProcess::start(&[]);
+    let conn = lapin::Connection::connect(&serve.url(), lapin::ConnectionProperties::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    let q = declare_queue(&ch, "watch-warnings").await;
+    ch.queue_bind(
+        q.as_str().into(),
+        "mqic.logs".into(),
+        "warn".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.confirm_select(Default::default()).await.unwrap();
+    bad_message(&ch, b"not an envelope").await;
+    let mut consumer = ch
+        .basic_consume(
+            q.as_str().into(),
+            "logs".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let d = tokio::time::timeout(Duration::from_secs(20), consumer.next())
+        .await
+        .expect("a warn line within 20 s")
+        .unwrap()
+        .unwrap();
+    assert_eq!(d.routing_key.as_str(), "warn");
+    let line: serde_json::Value = serde_json::from_slice(&d.data).unwrap();
+    assert_eq!(line["severity"], "warn");
+    assert!(
+        line["component"]
+            .as_str()
+            .unwrap()
+            .starts_with("mqic::workers"),
+        "{line}"
+    );
+    assert!(
+        line["message"].as_str().unwrap().contains("dead-lettering"),
+        "{line}"
+    );
+    drop(serve);
+}
