@@ -16,7 +16,9 @@ use super::plan::Plan;
 use crate::bus::Bus;
 use crate::config::HostConfig;
 use crate::protocol::events::EVENTS_EXCHANGE;
-use crate::protocol::topology::{CONDUCTOR_QUEUE, FILE_TRANSFER_QUEUE, REMOTE_EXECUTOR_QUEUE};
+use crate::protocol::topology::{
+    CONDUCTOR_QUEUE, CONTROL_EXCHANGE, FILE_TRANSFER_QUEUE, REMOTE_EXECUTOR_QUEUE,
+};
 use crate::protocol::{CaseId, Command, Envelope, FailureCategory, FailurePayload, NewCase};
 use crate::store::records::{
     now_ms, CaseRecord, CaseStatus, Failure, GpuKey, GpuRecord, HistoryRow, OutboxEntry,
@@ -273,6 +275,20 @@ impl Conductor {
                             lease.gpu
                         )));
                     }
+                }
+                Effect::Cancel(cancel) => {
+                    let routing_key = format!("cancel.{}", cancel.host);
+                    let envelope = Envelope::with_correlation(
+                        Command::CancelStep(cancel),
+                        case.correlation_id.clone(),
+                    );
+                    tx.push_outbox(&OutboxEntry {
+                        exchange: CONTROL_EXCHANGE.to_string(),
+                        routing_key,
+                        body: String::from_utf8(envelope.to_bytes()).expect("JSON is UTF-8"),
+                        correlation_id: Some(case.correlation_id.clone()),
+                        persistent: false,
+                    })?;
                 }
                 Effect::ReleaseGpu(gpu) => {
                     tx.release_lease(&gpu, &case.case_id)?;

@@ -21,6 +21,11 @@ pub const WORK_QUEUES: &[&str] = &[
     ARCHIVER_QUEUE,
 ];
 
+/// The topic exchange of control messages every executor hears (each binds its own
+/// exclusive queue): `cancel.<host>` carries `cancel_step`, so the executor that runs the
+/// attempt gets it whichever executor took the step.
+pub const CONTROL_EXCHANGE: &str = "mqic.control";
+
 /// The header that carries why a message was dead-lettered.
 pub const DEAD_LETTER_REASON_HEADER: &str = "x-mqic-reason";
 /// The header with the short error kind (`not_json`, `unknown_command`, ...).
@@ -87,6 +92,10 @@ pub fn topology() -> Topology {
             },
             ExchangeSpec {
                 name: RPC_EXCHANGE,
+                kind: "topic",
+            },
+            ExchangeSpec {
+                name: CONTROL_EXCHANGE,
                 kind: "topic",
             },
         ],

@@ -21,7 +21,7 @@ use tokio::task::JoinSet;
 use crate::bus::{Bus, Delivery};
 use crate::config::pipeline::ExecutorConfig;
 use crate::hpc::local::{label, LocalError, LocalRunner, Outcome, Progress, RunHandle};
-use crate::protocol::topology::{CONDUCTOR_QUEUE, REMOTE_EXECUTOR_QUEUE};
+use crate::protocol::topology::{CONDUCTOR_QUEUE, CONTROL_EXCHANGE, REMOTE_EXECUTOR_QUEUE};
 use crate::protocol::{
     Command, Envelope, ExecuteRequest, ExecutionProgress, ExecutionStarted, ExecutionSucceeded,
     FailureCategory, FailureInfo, FailurePayload, StepRef,
@@ -59,6 +59,7 @@ pub async fn run(
         shutdown: shutdown.clone(),
     });
     executor.reattach_unreported().await;
+    let control = tokio::spawn(executor.clone().listen_for_cancels());
     let handler = executor.clone();
     workers::consume(
         bus,
@@ -72,6 +73,7 @@ pub async fn run(
         },
     )
     .await;
+    control.abort();
     let mut tasks = std::mem::take(&mut *executor.tasks.lock());
     let drained =
         tokio::time::timeout(DRAIN, async { while tasks.join_next().await.is_some() {} }).await;
@@ -112,6 +114,59 @@ struct Executor {
 }
 
 impl Executor {
+    /// Hears `cancel_step` on the control exchange (every executor does, so the one running
+    /// the attempt gets it), resubscribing when the bus drops, until shutdown.
+    async fn listen_for_cancels(self: Arc<Self>) {
+        let mut shutdown = self.shutdown.clone();
+        loop {
+            let subscribed = async {
+                let sub = self.bus.reply_queue().await?;
+                self.bus
+                    .bind(&sub.queue, CONTROL_EXCHANGE, "cancel.#")
+                    .await?;
+                Ok::<_, crate::bus::BusError>(sub)
+            };
+            let mut sub = match subscribed.await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot listen for cancels; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                        _ = workers::stopped(&mut shutdown) => return,
+                    }
+                }
+            };
+            loop {
+                let delivery = tokio::select! {
+                    d = sub.next() => d,
+                    _ = workers::stopped(&mut shutdown) => return,
+                };
+                let Some(delivery) = delivery else { break };
+                match crate::protocol::decode(&delivery.body).map(|e| e.command) {
+                    Ok(Command::CancelStep(cancel)) if cancel.host == LOCAL_HOST => {
+                        self.cancel(cancel)
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!("bad control message ignored: {e}"),
+                }
+            }
+        }
+    }
+
+    /// Kills an attempt's process group, in a task of its own.
+    fn cancel(&self, cancel: crate::protocol::CancelStep) {
+        let runner = self.runner.clone();
+        self.spawn(async move {
+            match runner.cancel(&cancel.step).await {
+                Ok(true) => {}
+                Ok(false) => tracing::info!(attempt = %label(&cancel.step), "nothing to cancel"),
+                Err(e) => {
+                    tracing::warn!(attempt = %label(&cancel.step), error = %e, "cannot cancel")
+                }
+            }
+        });
+    }
+
     async fn handle(
         self: Arc<Self>,
         envelope: Envelope,
@@ -124,18 +179,7 @@ impl Executor {
                     .await;
             }
             Command::CancelStep(cancel) => {
-                let runner = self.runner.clone();
-                self.spawn(async move {
-                    match runner.cancel(&cancel.step).await {
-                        Ok(true) => {}
-                        Ok(false) => {
-                            tracing::info!(attempt = %label(&cancel.step), "nothing to cancel")
-                        }
-                        Err(e) => {
-                            tracing::warn!(attempt = %label(&cancel.step), error = %e, "cannot cancel")
-                        }
-                    }
-                });
+                self.cancel(cancel);
                 Handled::Ack
             }
             other => Handled::Reject(format!(

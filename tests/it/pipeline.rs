@@ -689,3 +689,52 @@ async fn log_lines_are_published_on_the_logs_exchange_by_severity() {
     );
     drop(serve);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_reaches_whichever_of_several_worker_processes_runs_the_step() {
+    ledger_path();
+    let server = workflow::start(|c| c.workers.executor = false).await;
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let mut children = Vec::new();
+    for dir in &dirs {
+        let mut worker = tokio::process::Command::from(mqic());
+        worker
+            .args(["worker", "--role", "executor", "--broker"])
+            .arg(server.url())
+            .arg("--data-dir")
+            .arg(dir.path())
+            .stdout(std::process::Stdio::null())
+            .kill_on_drop(true);
+        children.push(worker.spawn().unwrap());
+    }
+    let store = workflow::store(&server);
+    let mut pids = Vec::new();
+    for n in 0..2 {
+        let (id, dir) = drop_unmarked_case(&workflow::scan_dir(&server), 510 + n);
+        std::fs::write(dir.join("MQIC_DEMO_FAIL"), "hang\n").unwrap();
+        mqic::demo::cases::mark_ready(&dir).unwrap();
+        let case = wait_case(&store, &id, "simulate running with a pid", |c| {
+            c.step
+                .as_ref()
+                .is_some_and(|r| r.name == "simulate" && r.pid.is_some())
+        })
+        .await;
+        pids.push((id, case.step.unwrap().pid.unwrap() as i32));
+    }
+    let mut rpc = Rpc::connect(&server.url()).await;
+    for (id, pid) in &pids {
+        let reply = rpc.call("cancel_case", json!({"case_id": id})).await;
+        assert_eq!(reply["payload"]["status"], "CANCELLED", "{reply}");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        // SAFETY: signal 0 only checks that the process exists.
+        while unsafe { libc::kill(*pid, 0) } == 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{id}: step {pid} still alive"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    drop(children);
+    server.stop().await;
+}
