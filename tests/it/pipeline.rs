@@ -576,9 +576,9 @@ async fn a_restart_picks_up_where_the_store_left_off() {
     .await;
     drop(store);
     server.stop().await;
-    // The step is still running, detached. A new mqic on the same data dir reattaches to
-    // it rather than starting it again; removing the hang lets the next attempt... but the
-    // running one is what we cancel here, through the restarted conductor.
+    // The step is still running, detached. A new mqic on the same data dir finds the case
+    // where it was, reattaches to the running attempt instead of starting it again, and
+    // its conductor can still cancel it.
     let server = TestServer::start_with(|c| {
         *c = workflow::workflow_config(&data);
     })
