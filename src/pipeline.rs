@@ -10,7 +10,7 @@ use anyhow::Context;
 use tokio::task::JoinSet;
 
 use crate::amqp::Broker;
-use crate::bus::{Bus, EmbeddedBus, RemoteBus};
+use crate::bus::{Bus, EmbeddedBus, ReconnectingBus};
 use crate::conductor::driver::{self, Conductor};
 use crate::conductor::plan::Plan;
 use crate::conductor::{relay, rpc};
@@ -71,7 +71,7 @@ pub async fn connect_bus(
 ) -> anyhow::Result<Arc<dyn Bus>> {
     let bus: Arc<dyn Bus> = match (&config.broker.url, broker) {
         (Some(url), _) => Arc::new(
-            RemoteBus::connect(url)
+            ReconnectingBus::connect(url)
                 .await
                 .context("cannot connect to broker.url")?,
         ),

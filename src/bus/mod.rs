@@ -10,6 +10,7 @@ mod confirm;
 #[cfg(test)]
 mod contract;
 pub mod embedded;
+pub mod reconnect;
 pub mod remote;
 mod url;
 
@@ -22,6 +23,7 @@ use tokio::sync::mpsc;
 use crate::protocol::topology::Topology;
 
 pub use embedded::EmbeddedBus;
+pub use reconnect::ReconnectingBus;
 pub use remote::RemoteBus;
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
