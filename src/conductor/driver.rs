@@ -166,29 +166,11 @@ impl Conductor {
                 tracing::warn!(case = %new.case_id, "new_case_found for an archived case; ignored");
                 return Ok(false);
             }
-            let mut case = CaseRecord {
-                case_id: new.case_id.clone(),
-                case_path: new.case_path.clone(),
-                room: new.room.clone(),
-                workflow: new
-                    .workflow
-                    .clone()
-                    .unwrap_or_else(|| self.plan.default_workflow.clone()),
-                status: CaseStatus::New,
-                step_index: 0,
-                step: None,
-                attempts: 0,
-                retry_base: 0,
-                retry_at_ms: None,
-                progress: 0.0,
-                failure: None,
-                done: Vec::new(),
-                manual_retries: 0,
-                correlation_id: correlation_id.to_string(),
-                created_ms: now,
-                updated_ms: now,
-                history_seq: 0,
-            };
+            let workflow = new
+                .workflow
+                .clone()
+                .unwrap_or_else(|| self.plan.default_workflow.clone());
+            let mut case = CaseRecord::new(new, &workflow, correlation_id, now);
             tx.push_history(
                 &mut case,
                 &HistoryRow {

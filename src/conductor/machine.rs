@@ -777,26 +777,13 @@ kind = "download"
     }
 
     fn new_case() -> CaseRecord {
-        CaseRecord {
+        let found = crate::protocol::NewCase {
             case_id: "c1".into(),
             case_path: "/data/cases/patient one".into(),
+            workflow: None,
             room: None,
-            workflow: "default".into(),
-            status: New,
-            step_index: 0,
-            step: None,
-            attempts: 0,
-            retry_base: 0,
-            retry_at_ms: None,
-            progress: 0.0,
-            failure: None,
-            done: Vec::new(),
-            manual_retries: 0,
-            correlation_id: "corr".into(),
-            created_ms: 0,
-            updated_ms: 0,
-            history_seq: 0,
-        }
+        };
+        CaseRecord::new(&found, "default", "corr", 0)
     }
 
     /// A case and a clock: feeds inputs, keeps the decisions.

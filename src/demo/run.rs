@@ -23,13 +23,21 @@ const DEMO_DEADLINE: Duration = Duration::from_secs(600);
 /// The demo's configuration: embedded defaults plus the demo workflow around the stand-ins
 /// in `bin`, two simulated GPUs, and AMQP on a free loopback port.
 pub fn demo_config(data_dir: &Path, bin: &Path) -> anyhow::Result<Config> {
+    Ok(Config::from_toml(
+        &demo_config_text(data_dir, bin),
+        "demo config",
+    )?)
+}
+
+/// [`demo_config`] as TOML text, for a `mqic serve --config` file.
+pub fn demo_config_text(data_dir: &Path, bin: &Path) -> String {
     // A path inside a template is literal text: quote it for the shell, escape braces.
     let script = |name: &str| {
         shell_quote(&bin.join(name).display().to_string())
             .replace('{', "{{")
             .replace('}', "}}")
     };
-    let text = format!(
+    format!(
         r#"
 data_dir = {data_dir:?}
 [log]
@@ -69,8 +77,7 @@ timeout_secs = 120
         data_dir = data_dir.display().to_string(),
         interp = script("interpreter-standin.sh"),
         moqui = script("moqui-standin.sh"),
-    );
-    Ok(Config::from_toml(&text, "demo config")?)
+    )
 }
 
 /// Runs the demo; returns whether every case completed.

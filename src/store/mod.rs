@@ -81,6 +81,19 @@ fn decode<T: DeserializeOwned>(table: &'static str, key: &str, bytes: &[u8]) -> 
     })
 }
 
+/// Every record of a string-keyed table, decoded.
+fn decode_all<T: DeserializeOwned>(
+    table: &impl ReadableTable<&'static str, &'static [u8]>,
+    name: &'static str,
+) -> StoreResult<Vec<T>> {
+    let mut out = Vec::new();
+    for row in table.iter()? {
+        let (k, v) = row?;
+        out.push(decode(name, k.value(), v.value())?);
+    }
+    Ok(out)
+}
+
 /// The store. Cheap to clone.
 #[derive(Clone)]
 pub struct Store {
@@ -183,13 +196,7 @@ impl Store {
     /// Every live case (archived ones excluded).
     pub fn cases(&self) -> StoreResult<Vec<CaseRecord>> {
         let txn = self.db.begin_read()?;
-        let t = txn.open_table(CASES)?;
-        let mut out = Vec::new();
-        for row in t.iter()? {
-            let (k, v) = row?;
-            out.push(decode("cases", k.value(), v.value())?);
-        }
-        Ok(out)
+        decode_all(&txn.open_table(CASES)?, "cases")
     }
 
     pub fn history(&self, id: &CaseId) -> StoreResult<Vec<HistoryRow>> {
@@ -230,35 +237,17 @@ impl Store {
 
     pub fn gpus(&self) -> StoreResult<Vec<GpuRecord>> {
         let txn = self.db.begin_read()?;
-        let t = txn.open_table(GPUS)?;
-        let mut out = Vec::new();
-        for row in t.iter()? {
-            let (k, v) = row?;
-            out.push(decode("gpu_resources", k.value(), v.value())?);
-        }
-        Ok(out)
+        decode_all(&txn.open_table(GPUS)?, "gpu_resources")
     }
 
     pub fn leases(&self) -> StoreResult<Vec<GpuLease>> {
         let txn = self.db.begin_read()?;
-        let t = txn.open_table(GPU_LEASES)?;
-        let mut out = Vec::new();
-        for row in t.iter()? {
-            let (k, v) = row?;
-            out.push(decode("gpu_leases", k.value(), v.value())?);
-        }
-        Ok(out)
+        decode_all(&txn.open_table(GPU_LEASES)?, "gpu_leases")
     }
 
     pub fn workers(&self) -> StoreResult<Vec<WorkerRecord>> {
         let txn = self.db.begin_read()?;
-        let t = txn.open_table(WORKERS)?;
-        let mut out = Vec::new();
-        for row in t.iter()? {
-            let (k, v) = row?;
-            out.push(decode("worker_heartbeats", k.value(), v.value())?);
-        }
-        Ok(out)
+        decode_all(&txn.open_table(WORKERS)?, "worker_heartbeats")
     }
 
     /// The oldest `limit` outbox entries with their sequence numbers.
@@ -410,13 +399,7 @@ impl Tx<'_> {
     }
 
     pub fn gpus(&self) -> StoreResult<Vec<GpuRecord>> {
-        let t = self.txn.open_table(GPUS)?;
-        let mut out = Vec::new();
-        for row in t.iter()? {
-            let (k, v) = row?;
-            out.push(decode("gpu_resources", k.value(), v.value())?);
-        }
-        Ok(out)
+        decode_all(&self.txn.open_table(GPUS)?, "gpu_resources")
     }
 
     pub fn put_gpu(&mut self, gpu: &GpuRecord) -> StoreResult<()> {
@@ -427,13 +410,7 @@ impl Tx<'_> {
     }
 
     pub fn leases(&self) -> StoreResult<Vec<GpuLease>> {
-        let t = self.txn.open_table(GPU_LEASES)?;
-        let mut out = Vec::new();
-        for row in t.iter()? {
-            let (k, v) = row?;
-            out.push(decode("gpu_leases", k.value(), v.value())?);
-        }
-        Ok(out)
+        decode_all(&self.txn.open_table(GPU_LEASES)?, "gpu_leases")
     }
 
     /// Takes a lease; false if the GPU is already leased (the caller picked a busy one).
@@ -524,32 +501,25 @@ impl Tx<'_> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::records::*;
     use super::*;
     use crate::protocol::events::Subject;
 
     pub(crate) fn sample_case(id: &str, status: CaseStatus, updated_ms: u64) -> CaseRecord {
-        CaseRecord {
-            case_id: id.into(),
-            case_path: format!("/cases/{id}"),
-            room: None,
-            workflow: "default".into(),
-            status,
-            step_index: 0,
-            step: None,
-            attempts: 0,
-            retry_base: 0,
-            retry_at_ms: None,
-            progress: 0.0,
-            failure: None,
-            done: Vec::new(),
-            manual_retries: 0,
-            correlation_id: "corr".into(),
-            created_ms: updated_ms,
+        let mut c = CaseRecord::new(
+            &crate::protocol::NewCase {
+                case_id: id.into(),
+                case_path: format!("/cases/{id}"),
+                workflow: None,
+                room: None,
+            },
+            "default",
+            "corr",
             updated_ms,
-            history_seq: 0,
-        }
+        );
+        c.status = status;
+        c
     }
 
     fn row(to: CaseStatus) -> HistoryRow {

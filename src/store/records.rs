@@ -187,6 +187,37 @@ pub struct CaseRecord {
     pub history_seq: u64,
 }
 
+impl CaseRecord {
+    /// A case just found: NEW, at its first step, nothing run yet.
+    pub fn new(
+        found: &crate::protocol::NewCase,
+        workflow: &str,
+        correlation_id: &str,
+        now_ms: u64,
+    ) -> CaseRecord {
+        CaseRecord {
+            case_id: found.case_id.clone(),
+            case_path: found.case_path.clone(),
+            room: found.room.clone(),
+            workflow: workflow.to_string(),
+            status: CaseStatus::New,
+            step_index: 0,
+            step: None,
+            attempts: 0,
+            retry_base: 0,
+            retry_at_ms: None,
+            progress: 0.0,
+            failure: None,
+            done: Vec::new(),
+            manual_retries: 0,
+            correlation_id: correlation_id.to_string(),
+            created_ms: now_ms,
+            updated_ms: now_ms,
+            history_seq: 0,
+        }
+    }
+}
+
 /// One transition of a case.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct HistoryRow {

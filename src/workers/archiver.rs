@@ -207,26 +207,7 @@ mod tests {
     use crate::store::records::{CaseRecord, CaseStatus};
 
     fn case(id: &str, status: CaseStatus, updated_ms: u64) -> CaseRecord {
-        CaseRecord {
-            case_id: id.into(),
-            case_path: "/x".into(),
-            room: None,
-            workflow: "w".into(),
-            status,
-            step_index: 0,
-            step: None,
-            attempts: 0,
-            retry_base: 0,
-            retry_at_ms: None,
-            progress: 0.0,
-            failure: None,
-            done: Vec::new(),
-            manual_retries: 0,
-            correlation_id: "c".into(),
-            created_ms: updated_ms,
-            updated_ms,
-            history_seq: 0,
-        }
+        crate::store::tests::sample_case(id, status, updated_ms)
     }
 
     #[test]

@@ -35,46 +35,12 @@ fn serve(config: &Path, ledger: &Path) -> Child {
     child
 }
 
+/// The demo workflow as a config file for the child process.
 fn config_file(dir: &Path) -> std::path::PathBuf {
     let data = dir.join("data");
     let config = workflow_config(&data);
-    let bin = data.join("demo-bin");
-    // The same workflow as the demo, written out as a file for the child process.
-    let script = |name: &str| bin.join(name).display().to_string();
-    let text = format!(
-        r#"data_dir = "{data}"
-[log]
-level = "warn"
-[amqp]
-listen = "127.0.0.1:0"
-[conductor]
-default_workflow = "demo"
-[archiver]
-interval_secs = 0
-[[hosts]]
-name = "local"
-gpus = [0, 1]
-[[workflows.demo.steps]]
-name = "upload"
-kind = "upload"
-[[workflows.demo.steps]]
-name = "interpret"
-kind = "local"
-command = "sh {interp} {{remote_case_dir}}/input {{remote_case_dir}}/tps"
-[[workflows.demo.steps]]
-name = "simulate"
-kind = "execute"
-gpu = true
-command = "sh {moqui} {{remote_case_dir}}/input {{remote_case_dir}}/output {{gpu_id}}"
-progress = ['Generating particles for \((\d+) of (\d+) batches\)']
-[[workflows.demo.steps]]
-name = "download"
-kind = "download"
-"#,
-        data = config.data_dir.display(),
-        interp = script("interpreter-standin.sh"),
-        moqui = script("moqui-standin.sh"),
-    );
+    let text =
+        mqic::demo::run::demo_config_text(&config.data_dir, &config.data_dir.join("demo-bin"));
     let path = dir.join("mqic.toml");
     std::fs::write(&path, text).unwrap();
     path
