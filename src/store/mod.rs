@@ -94,6 +94,23 @@ fn decode_all<T: DeserializeOwned>(
     Ok(out)
 }
 
+/// Copies every row of one table from a read transaction into a write transaction.
+fn copy_table<K: redb::Key + 'static>(
+    read: &redb::ReadTransaction,
+    write: &WriteTransaction,
+    def: redb::TableDefinition<K, &'static [u8]>,
+) -> StoreResult<u64> {
+    let src = read.open_table(def)?;
+    let mut dst = write.open_table(def)?;
+    let mut rows = 0;
+    for row in src.iter()? {
+        let (k, v) = row?;
+        dst.insert(k.value(), v.value())?;
+        rows += 1;
+    }
+    Ok(rows)
+}
+
 /// The store. Cheap to clone.
 #[derive(Clone)]
 pub struct Store {
@@ -307,31 +324,13 @@ impl Store {
         let mut rows = 0u64;
         let w = copy.begin_write()?;
         for def in STR_TABLES {
-            let src = read.open_table(*def)?;
-            let mut dst = w.open_table(*def)?;
-            for row in src.iter()? {
-                let (k, v) = row?;
-                dst.insert(k.value(), v.value())?;
-                rows += 1;
-            }
+            rows += copy_table(&read, &w, *def)?;
         }
         for def in HISTORY_TABLES {
-            let src = read.open_table(*def)?;
-            let mut dst = w.open_table(*def)?;
-            for row in src.iter()? {
-                let (k, v) = row?;
-                dst.insert(k.value(), v.value())?;
-                rows += 1;
-            }
+            rows += copy_table(&read, &w, *def)?;
         }
         for def in SEQ_TABLES {
-            let src = read.open_table(*def)?;
-            let mut dst = w.open_table(*def)?;
-            for row in src.iter()? {
-                let (k, v) = row?;
-                dst.insert(k.value(), v.value())?;
-                rows += 1;
-            }
+            rows += copy_table(&read, &w, *def)?;
         }
         w.commit()?;
         drop(copy);

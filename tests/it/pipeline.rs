@@ -496,20 +496,25 @@ async fn the_remote_bus_runs_the_pipeline_against_a_real_rabbitmq() {
     server.stop().await;
 }
 
+/// `mqic worker --role executor` against the server, keeping its attempts in `dir`.
+fn spawn_executor(server: &TestServer, dir: &Path) -> tokio::process::Child {
+    tokio::process::Command::from(mqic())
+        .args(["worker", "--role", "executor", "--broker"])
+        .arg(server.url())
+        .arg("--data-dir")
+        .arg(dir)
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_executor_in_a_separate_mqic_worker_process_runs_the_steps() {
     ledger_path();
     let server = workflow::start(|c| c.workers.executor = false).await;
     let worker_dir = tempfile::tempdir().unwrap();
-    let mut worker = tokio::process::Command::from(mqic());
-    worker
-        .args(["worker", "--role", "executor", "--broker"])
-        .arg(server.url())
-        .arg("--data-dir")
-        .arg(worker_dir.path())
-        .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true);
-    let mut child = worker.spawn().unwrap();
+    let mut child = spawn_executor(&server, worker_dir.path());
     let store = workflow::store(&server);
     let id = drop_case(&workflow::scan_dir(&server), 501);
     wait_status(&store, &id, CaseStatus::Completed).await;
@@ -695,18 +700,10 @@ async fn cancel_reaches_whichever_of_several_worker_processes_runs_the_step() {
     ledger_path();
     let server = workflow::start(|c| c.workers.executor = false).await;
     let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
-    let mut children = Vec::new();
-    for dir in &dirs {
-        let mut worker = tokio::process::Command::from(mqic());
-        worker
-            .args(["worker", "--role", "executor", "--broker"])
-            .arg(server.url())
-            .arg("--data-dir")
-            .arg(dir.path())
-            .stdout(std::process::Stdio::null())
-            .kill_on_drop(true);
-        children.push(worker.spawn().unwrap());
-    }
+    let children: Vec<_> = dirs
+        .iter()
+        .map(|d| spawn_executor(&server, d.path()))
+        .collect();
     let store = workflow::store(&server);
     let mut pids = Vec::new();
     for n in 0..2 {
