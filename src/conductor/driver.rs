@@ -146,18 +146,26 @@ impl Conductor {
     ) -> StoreResult<bool> {
         let now = now_ms();
         let created = self.store.write(|tx| {
-            if scanned
-                && !tx.insert_scanned(
+            let existing = tx.case(&new.case_id)?;
+            if let Some(existing) = &existing {
+                if existing.case_path != new.case_path {
+                    tracing::warn!(
+                        case = %new.case_id,
+                        "{} has the same case id as {}; it is not started (rename one folder)",
+                        new.case_path,
+                        existing.case_path
+                    );
+                }
+            }
+            let fresh_scan = !scanned
+                || tx.insert_scanned(
                     &new.case_id,
                     &ScannedCase {
                         case_path: new.case_path.clone(),
                         found_ms: now,
                     },
-                )?
-            {
-                return Ok(false);
-            }
-            if tx.case(&new.case_id)?.is_some() {
+                )?;
+            if !fresh_scan || existing.is_some() {
                 return Ok(false);
             }
             if tx.is_archived(&new.case_id)? {
@@ -259,6 +267,15 @@ impl Conductor {
                     }
                 }
                 Effect::Cancel(cancel) => {
+                    // Durably to one executor, and to every live one on the control exchange
+                    // (with several executors only the broadcast is sure to reach the right
+                    // one); killing an attempt twice is harmless.
+                    push_command(
+                        tx,
+                        REMOTE_EXECUTOR_QUEUE,
+                        Command::CancelStep(cancel.clone()),
+                        &case.correlation_id,
+                    )?;
                     let routing_key = format!("cancel.{}", cancel.host);
                     let envelope = Envelope::with_correlation(
                         Command::CancelStep(cancel),

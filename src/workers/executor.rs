@@ -58,8 +58,9 @@ pub async fn run(
         status: status.clone(),
         shutdown: shutdown.clone(),
     });
-    executor.reattach_unreported().await;
+    // Listen for cancels first, so one sent while attempts are being reattached is heard.
     let control = tokio::spawn(executor.clone().listen_for_cancels());
+    executor.reattach_unreported().await;
     let handler = executor.clone();
     workers::consume(
         bus,
@@ -220,14 +221,18 @@ impl Executor {
             );
         }
         let key = key(&request.step);
-        if self
-            .active
-            .lock()
-            .insert(key.clone(), Phase::Waiting)
-            .is_some()
         {
-            // Already followed here: that watcher reports it.
-            return (Handled::Ack, Some(delivery));
+            let mut active = self.active.lock();
+            match active.get(&key) {
+                // Already followed here, and tracked on disk: that watcher reports it.
+                Some(Phase::Running) => return (Handled::Ack, Some(delivery)),
+                // Not on disk yet: the duplicate stays unacked (the broker gives it back if
+                // this process dies before the first copy is claimed).
+                Some(Phase::Waiting) => return (Handled::Kept, None),
+                None => {
+                    active.insert(key.clone(), Phase::Waiting);
+                }
+            }
         }
         self.refresh_status();
         let executor = self.clone();
@@ -359,16 +364,21 @@ impl Executor {
             None => self.correlation(&step).await,
         };
         let correlation = correlation.as_deref();
-        if !handle.is_finished() {
-            let started = Command::ExecutionStarted(ExecutionStarted {
+        // `execution_started` is published alongside the wait, not before it: while the
+        // broker is unreachable the step's timeout must still be enforced.
+        let started = (!handle.is_finished()).then(|| {
+            Command::ExecutionStarted(ExecutionStarted {
                 step: step.clone(),
                 pid: handle.pid(),
                 reattached: handle.reattached(),
-            });
-            if !self.publish_until_confirmed(started, correlation).await {
-                return;
+            })
+        });
+        let announce = async {
+            match started {
+                Some(command) => self.publish_until_confirmed(command, correlation).await,
+                None => true,
             }
-        }
+        };
         let (progress_tx, mut progress_rx) = watch::channel(None::<Progress>);
         let progress_loop = async {
             loop {
@@ -397,8 +407,21 @@ impl Executor {
             }
         };
         let mut shutdown = self.shutdown.clone();
+        let waited = async {
+            // The result goes out only after `execution_started` was confirmed.
+            let (outcome, announced) = tokio::join!(
+                handle.wait(move |p| {
+                    progress_tx.send_replace(Some(p));
+                }),
+                announce
+            );
+            announced.then_some(outcome)
+        };
         let outcome = tokio::select! {
-            outcome = handle.wait(move |p| { progress_tx.send_replace(Some(p)); }) => outcome,
+            outcome = waited => match outcome {
+                Some(o) => o,
+                None => return,
+            },
             _ = progress_loop => return,
             // The step keeps running; the next start reattaches to it.
             _ = stopped(&mut shutdown) => return,
