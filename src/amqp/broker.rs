@@ -297,7 +297,7 @@ impl VHost {
             check_queue_equivalence(&existing.spec, &spec, &self.name)?;
             return Ok((existing.clone(), false));
         }
-        Queue::validate_arguments(&spec.arguments)?;
+        Queue::validate_arguments(&spec.arguments, &spec.name, &self.name)?;
         let owner = spec.exclusive.then_some(connection);
         let q = Queue::new(spec, self.name.clone(), owner);
         queues.insert(q.name().to_string(), q.clone());

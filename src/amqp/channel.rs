@@ -11,7 +11,7 @@ use super::broker::{as_i128, Broker, VHost};
 use super::consumer::{ChannelShared, ConnectionId, Consumer, Unacked};
 use super::exchange::{ExchangeKind, ExchangeSpec};
 use super::message::Message;
-use super::queue::{Queue, QueueSpec, QueuedMessage};
+use super::queue::{Enqueued, Queue, QueueSpec, QueuedMessage};
 use super::reply::{AmqpError, AmqpResult, ReplyCode};
 
 /// What a channel knows about the connection it lives on.
@@ -374,6 +374,16 @@ impl Channel {
     pub fn basic_get(&mut self, queue: &str, no_ack: bool) -> AmqpResult<Option<Got>> {
         let queue = self.queue_name(queue)?;
         let q = self.vhost().usable_queue(&queue, self.conn())?;
+        if q.args.single_active_consumer {
+            return Err(AmqpError::new(
+                ReplyCode::ResourceLocked,
+                format!(
+                    "queue '{}' in vhost '{}' has single active consumer enabled: basic.get is not allowed",
+                    q.name(),
+                    q.vhost
+                ),
+            ));
+        }
         let Some((m, count)) = q.get(no_ack) else {
             return Ok(None);
         };
@@ -465,33 +475,55 @@ impl Channel {
             }
             _ => None,
         };
-        self.route_and_enqueue(&message, mandatory, headers.as_ref())?;
+        let rejected = self.route_and_enqueue(&message, mandatory, headers.as_ref())?;
         if let (Some(seq), Mode::Confirm(c)) = (seq, &mut self.mode) {
-            c.pending_ack = Some(seq);
+            if rejected {
+                // A full `reject-publish` queue refused it: acks coalesced so far go out
+                // first, then this one message is nacked.
+                if let Some(acked) = c.pending_ack.take() {
+                    self.shared
+                        .out
+                        .confirm(acked, acked - c.told_upto > 1, true);
+                }
+                self.shared.out.confirm(seq, false, false);
+                c.told_upto = seq;
+            } else {
+                c.pending_ack = Some(seq);
+            }
         }
         Ok(())
     }
 
+    /// Routes and enqueues; true when a queue refused the message (`x-overflow`
+    /// `reject-publish`), which a confirming publisher hears as `basic.nack`.
     fn route_and_enqueue(
         &self,
         message: &Arc<Message>,
         mandatory: bool,
         headers: Option<&FieldTable>,
-    ) -> AmqpResult<()> {
+    ) -> AmqpResult<bool> {
         let queues = self
             .session
             .vhost
             .route(&message.exchange, &message.routing_key, headers)?;
         let mut routed = false;
+        let mut rejected = false;
         for q in &queues {
-            routed |= q.publish(message.clone());
+            match q.publish(message.clone()) {
+                Enqueued::Accepted => routed = true,
+                Enqueued::Rejected => {
+                    routed = true;
+                    rejected = true;
+                }
+                Enqueued::Gone => {}
+            }
         }
         if !routed && mandatory {
             self.shared
                 .out
                 .basic_return(ReplyCode::NoRoute.code(), "NO_ROUTE", message);
         }
-        Ok(())
+        Ok(rejected)
     }
 
     /// Sends the coalesced publisher confirm, if any. Called after each input batch.

@@ -21,6 +21,42 @@ pub struct QueueSpec {
     pub arguments: FieldTable,
 }
 
+/// What happens to a publish when a length-limited queue is full (`x-overflow`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Overflow {
+    /// Drop the oldest ready messages to make room (RabbitMQ's default).
+    #[default]
+    DropHead,
+    /// Refuse the new message; a confirming publisher gets `basic.nack`.
+    RejectPublish,
+    /// As `RejectPublish` (the refused message would also be dead-lettered once
+    /// dead-letter exchanges exist; until then it is only refused).
+    RejectPublishDlx,
+}
+
+/// The queue arguments that change a queue's behaviour, parsed once at declare.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct QueueArgs {
+    /// `x-single-active-consumer`: only the first registered consumer receives messages; the
+    /// next takes over when it goes.
+    pub single_active_consumer: bool,
+    /// `x-max-length`: ready messages at most.
+    pub max_length: Option<u64>,
+    /// `x-max-length-bytes`: ready body bytes at most.
+    pub max_length_bytes: Option<u64>,
+    pub overflow: Overflow,
+}
+
+/// What became of one publish to one queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Enqueued {
+    Accepted,
+    /// Refused by `x-overflow = reject-publish[-dlx]`: the publisher gets `basic.nack`.
+    Rejected,
+    /// The queue was deleted meanwhile.
+    Gone,
+}
+
 /// A message waiting in (or delivered from) a queue.
 #[derive(Debug, Clone)]
 pub struct QueuedMessage {
@@ -41,6 +77,8 @@ struct QueueState {
     cursor: usize,
     /// Delivered, not yet acked.
     unacked: usize,
+    /// Messages dropped from the head by a length limit (for the management view).
+    dropped: u64,
     /// Auto-delete applies only to queues that have had a consumer.
     had_consumer: bool,
     deleted: bool,
@@ -53,6 +91,8 @@ pub struct Queue {
     pub vhost: String,
     /// The connection that owns an exclusive queue.
     pub owner: Option<ConnectionId>,
+    /// The behaviour-changing arguments, parsed from `spec.arguments`.
+    pub args: QueueArgs,
     state: Mutex<QueueState>,
 }
 
@@ -77,11 +117,14 @@ const KNOWN_ARGUMENTS: &[&str] = &[
 ];
 
 impl Queue {
+    /// A queue whose arguments passed [`Queue::validate_arguments`].
     pub fn new(spec: QueueSpec, vhost: String, owner: Option<ConnectionId>) -> Arc<Queue> {
+        let args = Queue::parse_arguments(&spec.arguments, &spec.name, &vhost).unwrap_or_default();
         Arc::new(Queue {
             spec,
             vhost,
             owner,
+            args,
             state: Mutex::new(QueueState::default()),
         })
     }
@@ -90,49 +133,127 @@ impl Queue {
         &self.spec.name
     }
 
-    /// Checks the queue arguments the way RabbitMQ does on declare.
-    pub fn validate_arguments(arguments: &FieldTable) -> AmqpResult<()> {
+    /// Checks the queue arguments the way RabbitMQ does on declare: a bad type or value
+    /// is a 406 naming the argument.
+    pub fn validate_arguments(arguments: &FieldTable, queue: &str, vhost: &str) -> AmqpResult<()> {
+        Queue::parse_arguments(arguments, queue, vhost).map(|_| ())
+    }
+
+    fn parse_arguments(arguments: &FieldTable, queue: &str, vhost: &str) -> AmqpResult<QueueArgs> {
+        let mut args = QueueArgs::default();
+        let bad = |key: &str, why: String| {
+            AmqpError::precondition(format!(
+                "invalid arg '{key}' for queue '{queue}' in vhost '{vhost}': {why}"
+            ))
+        };
         for (key, value) in arguments.inner() {
             let key = key.as_str();
             if !KNOWN_ARGUMENTS.contains(&key) {
                 continue; // unknown arguments are ignored, as in RabbitMQ
             }
-            if key == "x-queue-type" {
-                match value {
+            match key {
+                "x-queue-type" => match value {
                     AMQPValue::LongString(s) if s.as_bytes() == b"classic" => {}
                     AMQPValue::LongString(s) => {
                         return Err(AmqpError::precondition(format!(
-                            "invalid arg 'x-queue-type' for queue: mqic serves classic queues only, not '{}'",
+                            "invalid arg 'x-queue-type' for queue '{queue}' in vhost '{vhost}': mqic serves classic queues only, not '{}'",
                             String::from_utf8_lossy(s.as_bytes())
                         )))
                     }
-                    _ => {
-                        return Err(AmqpError::precondition(
-                            "invalid arg 'x-queue-type': expected longstr",
-                        ))
+                    other => return Err(bad(key, unacceptable(other))),
+                },
+                "x-single-active-consumer" => match value {
+                    AMQPValue::Boolean(b) => args.single_active_consumer = *b,
+                    other => return Err(bad(key, unacceptable(other))),
+                },
+                "x-max-length" | "x-max-length-bytes" => {
+                    let n = non_negative(value).map_err(|why| bad(key, why))?;
+                    if key == "x-max-length" {
+                        args.max_length = Some(n);
+                    } else {
+                        args.max_length_bytes = Some(n);
                     }
                 }
+                "x-overflow" => match value {
+                    AMQPValue::LongString(s) => {
+                        args.overflow = match s.as_bytes() {
+                            b"drop-head" => Overflow::DropHead,
+                            b"reject-publish" => Overflow::RejectPublish,
+                            b"reject-publish-dlx" => Overflow::RejectPublishDlx,
+                            other => {
+                                return Err(bad(
+                                    key,
+                                    format!(
+                                        "{{unknown_overflow_mode,'{}'}} (drop-head, reject-publish or reject-publish-dlx)",
+                                        String::from_utf8_lossy(other)
+                                    ),
+                                ))
+                            }
+                        }
+                    }
+                    other => return Err(bad(key, unacceptable(other))),
+                },
+                _ => {}
             }
         }
-        Ok(())
+        Ok(args)
     }
 
-    /// Enqueues a message and delivers what it can. False when the queue is gone.
-    pub fn publish(self: &Arc<Self>, message: Arc<Message>) -> bool {
+    /// Enqueues a message and delivers what it can, within the queue's length limits.
+    pub fn publish(self: &Arc<Self>, message: Arc<Message>) -> Enqueued {
         let mut st = self.state.lock();
         if st.deleted {
-            return false;
+            return Enqueued::Gone;
+        }
+        let size = message.size();
+        if self.args.overflow != Overflow::DropHead && self.is_full(&st, size) {
+            return Enqueued::Rejected;
         }
         let seq = st.next_seq;
         st.next_seq += 1;
-        st.ready_bytes += message.size();
+        st.ready_bytes += size;
         st.ready.push_back(QueuedMessage {
             message,
             redelivered: false,
             seq,
         });
         self.dispatch_locked(&mut st);
-        true
+        self.drop_head_over_limits(&mut st);
+        Enqueued::Accepted
+    }
+
+    /// Whether a message of `size` bytes would take the ready messages past a limit.
+    fn is_full(&self, st: &QueueState, size: usize) -> bool {
+        self.args
+            .max_length
+            .is_some_and(|max| st.ready.len() as u64 >= max)
+            || self
+                .args
+                .max_length_bytes
+                .is_some_and(|max| (st.ready_bytes + size) as u64 > max)
+    }
+
+    /// `drop-head`: drops the oldest ready messages until the limits hold.
+    fn drop_head_over_limits(&self, st: &mut QueueState) {
+        if self.args.overflow != Overflow::DropHead {
+            return;
+        }
+        let over = |st: &QueueState| {
+            self.args
+                .max_length
+                .is_some_and(|max| st.ready.len() as u64 > max)
+                || self
+                    .args
+                    .max_length_bytes
+                    .is_some_and(|max| st.ready_bytes as u64 > max)
+        };
+        while over(st) {
+            let Some(dropped) = st.ready.pop_front() else {
+                break;
+            };
+            st.ready_bytes -= dropped.message.size();
+            st.dropped += 1;
+        }
     }
 
     /// Hands ready messages to consumers with credit.
@@ -143,7 +264,13 @@ impl Queue {
 
     fn dispatch_locked(self: &Arc<Self>, st: &mut QueueState) {
         while !st.ready.is_empty() && !st.consumers.is_empty() {
-            let Some(i) = pick_consumer(st) else { break };
+            let pick = if self.args.single_active_consumer {
+                // Only the first registered consumer is active; the others wait their turn.
+                st.consumers[0].has_credit().then_some(0)
+            } else {
+                pick_consumer(st)
+            };
+            let Some(i) = pick else { break };
             let consumer = st.consumers[i].clone();
             let message = st.ready.pop_front().expect("checked non-empty");
             let size = message.message.size();
@@ -167,6 +294,7 @@ impl Queue {
     /// `basic.get`: the next ready message and how many remain.
     pub fn get(self: &Arc<Self>, no_ack: bool) -> Option<(QueuedMessage, u32)> {
         let mut st = self.state.lock();
+        debug_assert!(!self.args.single_active_consumer, "checked by the channel");
         let message = st.ready.pop_front()?;
         st.ready_bytes -= message.message.size();
         if !no_ack {
@@ -224,9 +352,17 @@ impl Queue {
     }
 
     /// Removes a consumer; returns true when the queue should now be auto-deleted.
-    pub fn remove_consumer(&self, consumer: &Arc<Consumer>) -> bool {
+    pub fn remove_consumer(self: &Arc<Self>, consumer: &Arc<Consumer>) -> bool {
         let mut st = self.state.lock();
+        let was_active = st
+            .consumers
+            .first()
+            .is_some_and(|c| Arc::ptr_eq(c, consumer));
         st.consumers.retain(|c| !Arc::ptr_eq(c, consumer));
+        if self.args.single_active_consumer && was_active && !st.deleted {
+            // The next consumer in line takes over.
+            self.dispatch_locked(&mut st);
+        }
         self.spec.auto_delete && st.had_consumer && st.consumers.is_empty() && !st.deleted
     }
 
@@ -273,6 +409,11 @@ impl Queue {
         self.state.lock().consumers.len() as u32
     }
 
+    /// Messages dropped from the head by a length limit so far.
+    pub fn dropped(&self) -> u64 {
+        self.state.lock().dropped
+    }
+
     /// Ready, unacked, ready bytes: for the management view.
     pub fn stats(&self) -> (usize, usize, usize) {
         let st = self.state.lock();
@@ -310,4 +451,34 @@ fn pick_consumer(st: &QueueState) -> Option<usize> {
         }
     }
     best.map(|(i, _)| i)
+}
+
+/// RabbitMQ's wording for an argument of the wrong type.
+fn unacceptable(value: &AMQPValue) -> String {
+    let kind = match value {
+        AMQPValue::Boolean(_) => "bool",
+        AMQPValue::LongString(_) | AMQPValue::ShortString(_) => "longstr",
+        AMQPValue::FieldTable(_) => "table",
+        AMQPValue::FieldArray(_) => "array",
+        AMQPValue::Float(_) | AMQPValue::Double(_) => "float",
+        AMQPValue::Timestamp(_) => "timestamp",
+        AMQPValue::Void => "void",
+        _ => "integer",
+    };
+    format!("{{unacceptable_type,{kind}}}")
+}
+
+/// An integer argument ≥ 0 of one of the types RabbitMQ accepts (b, B, s, u, I, i, l).
+fn non_negative(value: &AMQPValue) -> Result<u64, String> {
+    let n: i128 = match value {
+        AMQPValue::ShortShortInt(v) => (*v).into(),
+        AMQPValue::ShortShortUInt(v) => (*v).into(),
+        AMQPValue::ShortInt(v) => (*v).into(),
+        AMQPValue::ShortUInt(v) => (*v).into(),
+        AMQPValue::LongInt(v) => (*v).into(),
+        AMQPValue::LongUInt(v) => (*v).into(),
+        AMQPValue::LongLongInt(v) => (*v).into(),
+        other => return Err(unacceptable(other)),
+    };
+    u64::try_from(n).map_err(|_| format!("{{value_negative,{n}}}"))
 }
