@@ -9,6 +9,7 @@ use bytes::Bytes;
 
 use super::broker::{as_i128, Broker, VHost};
 use super::consumer::{ChannelShared, ConnectionId, Consumer, Unacked};
+use super::deadletter::DeathReason;
 use super::exchange::{ExchangeKind, ExchangeSpec};
 use super::message::Message;
 use super::queue::{Enqueued, Queue, QueueSpec, QueuedMessage};
@@ -508,12 +509,21 @@ impl Channel {
             .route(&message.exchange, &message.routing_key, headers)?;
         let mut routed = false;
         let mut rejected = false;
+        let vhost = &self.session.vhost;
         for q in &queues {
             match q.publish(message.clone()) {
-                Enqueued::Accepted => routed = true,
-                Enqueued::Rejected => {
+                Enqueued::Accepted { dropped } => {
+                    routed = true;
+                    if !dropped.is_empty() {
+                        vhost.dead_letter(q, dropped, DeathReason::Maxlen);
+                    }
+                }
+                Enqueued::Rejected { dead_letter } => {
                     routed = true;
                     rejected = true;
+                    if dead_letter {
+                        vhost.dead_letter(q, vec![message.clone()], DeathReason::Maxlen);
+                    }
                 }
                 Enqueued::Gone => {}
             }
@@ -575,6 +585,23 @@ impl Channel {
             } => (tag, multiple, Some(requeue)),
         };
         let taken = self.shared.settle(tag, multiple)?;
+        if requeue == Some(false) {
+            // Rejected without requeue: dead-lettered where the queue says so.
+            let mut by_queue: Vec<(Arc<Queue>, Vec<Arc<Message>>)> = Vec::new();
+            for u in &taken {
+                match by_queue.iter_mut().find(|(q, _)| Arc::ptr_eq(q, &u.queue)) {
+                    Some((_, list)) => list.push(u.message.message.clone()),
+                    None => by_queue.push((u.queue.clone(), vec![u.message.message.clone()])),
+                }
+            }
+            let queues = finish(taken, false);
+            for (q, messages) in by_queue {
+                self.vhost()
+                    .dead_letter(&q, messages, DeathReason::Rejected);
+            }
+            self.shared.redispatch(queues);
+            return Ok(());
+        }
         let queues = finish(taken, requeue == Some(true));
         self.shared.redispatch(queues);
         Ok(())

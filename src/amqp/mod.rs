@@ -1,7 +1,7 @@
 //! The embedded AMQP 0-9-1 broker. Reading order: [`codec`] (bytes ↔ frames),
 //! [`connection`] (one socket: handshake, frame loop), [`channel`] (the operations of one
 //! channel), [`broker`] (vhosts, exchanges, queues, routing), [`queue`] and [`consumer`]
-//! (dispatch and credit), [`outbound`] (where deliveries go), [`embedded`] (the same broker
+//! (dispatch and credit), [`deadletter`] (x-death and the dead-letter exchange), [`outbound`] (where deliveries go), [`embedded`] (the same broker
 //! in-process), [`server`] (listeners). This module knows nothing of cases or workflows.
 
 pub mod auth;
@@ -10,6 +10,7 @@ pub mod channel;
 pub mod codec;
 pub mod connection;
 pub mod consumer;
+pub mod deadletter;
 pub mod embedded;
 pub mod exchange;
 pub mod message;

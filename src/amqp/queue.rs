@@ -29,8 +29,7 @@ pub enum Overflow {
     DropHead,
     /// Refuse the new message; a confirming publisher gets `basic.nack`.
     RejectPublish,
-    /// As `RejectPublish` (the refused message would also be dead-lettered once
-    /// dead-letter exchanges exist; until then it is only refused).
+    /// As `RejectPublish`, and the refused message is dead-lettered (reason `maxlen`).
     RejectPublishDlx,
 }
 
@@ -45,14 +44,20 @@ pub struct QueueArgs {
     /// `x-max-length-bytes`: ready body bytes at most.
     pub max_length_bytes: Option<u64>,
     pub overflow: Overflow,
+    /// `x-dead-letter-exchange`: where rejected and dropped messages go.
+    pub dead_letter_exchange: Option<String>,
+    /// `x-dead-letter-routing-key`: their routing key there (default: their own).
+    pub dead_letter_routing_key: Option<String>,
 }
 
 /// What became of one publish to one queue.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum Enqueued {
-    Accepted,
-    /// Refused by `x-overflow = reject-publish[-dlx]`: the publisher gets `basic.nack`.
-    Rejected,
+    /// Taken; `dropped` are older messages a `drop-head` limit pushed out (to dead-letter).
+    Accepted { dropped: Vec<Arc<Message>> },
+    /// Refused by `x-overflow = reject-publish[-dlx]`: the publisher gets `basic.nack`, and
+    /// with `-dlx` the message is dead-lettered.
+    Rejected { dead_letter: bool },
     /// The queue was deleted meanwhile.
     Gone,
 }
@@ -162,6 +167,17 @@ impl Queue {
                     }
                     other => return Err(bad(key, unacceptable(other))),
                 },
+                "x-dead-letter-exchange" | "x-dead-letter-routing-key" => match value {
+                    AMQPValue::LongString(s) => {
+                        let s = String::from_utf8_lossy(s.as_bytes()).into_owned();
+                        if key == "x-dead-letter-exchange" {
+                            args.dead_letter_exchange = Some(s);
+                        } else {
+                            args.dead_letter_routing_key = Some(s);
+                        }
+                    }
+                    other => return Err(bad(key, unacceptable(other))),
+                },
                 "x-single-active-consumer" => match value {
                     AMQPValue::Boolean(b) => args.single_active_consumer = *b,
                     other => return Err(bad(key, unacceptable(other))),
@@ -196,6 +212,11 @@ impl Queue {
                 _ => {}
             }
         }
+        if args.dead_letter_routing_key.is_some() && args.dead_letter_exchange.is_none() {
+            return Err(AmqpError::precondition(format!(
+                "invalid arg 'x-dead-letter-routing-key' for queue '{queue}' in vhost '{vhost}': Key x-dead-letter-routing-key is set but x-dead-letter-exchange is not"
+            )));
+        }
         Ok(args)
     }
 
@@ -207,7 +228,9 @@ impl Queue {
         }
         let size = message.size();
         if self.args.overflow != Overflow::DropHead && self.is_full(&st, size) {
-            return Enqueued::Rejected;
+            return Enqueued::Rejected {
+                dead_letter: self.args.overflow == Overflow::RejectPublishDlx,
+            };
         }
         let seq = st.next_seq;
         st.next_seq += 1;
@@ -218,8 +241,8 @@ impl Queue {
             seq,
         });
         self.dispatch_locked(&mut st);
-        self.drop_head_over_limits(&mut st);
-        Enqueued::Accepted
+        let dropped = self.drop_head_over_limits(&mut st);
+        Enqueued::Accepted { dropped }
     }
 
     /// Whether a message of `size` bytes would take the ready messages past a limit.
@@ -233,10 +256,12 @@ impl Queue {
                 .is_some_and(|max| (st.ready_bytes + size) as u64 > max)
     }
 
-    /// `drop-head`: drops the oldest ready messages until the limits hold.
-    fn drop_head_over_limits(&self, st: &mut QueueState) {
+    /// `drop-head`: drops the oldest ready messages until the limits hold; returns them
+    /// (the caller dead-letters them outside the queue's lock).
+    fn drop_head_over_limits(&self, st: &mut QueueState) -> Vec<Arc<Message>> {
+        let mut out = Vec::new();
         if self.args.overflow != Overflow::DropHead {
-            return;
+            return out;
         }
         let over = |st: &QueueState| {
             self.args
@@ -253,7 +278,9 @@ impl Queue {
             };
             st.ready_bytes -= dropped.message.size();
             st.dropped += 1;
+            out.push(dropped.message);
         }
+        out
     }
 
     /// Hands ready messages to consumers with credit.

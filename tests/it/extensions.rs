@@ -263,3 +263,426 @@ async fn single_active_consumer_serves_one_consumer_and_the_next_takes_over() {
     assert!(text.contains("single active consumer"), "{text}");
     server.stop().await;
 }
+
+fn s(v: &AMQPValue) -> String {
+    match v {
+        AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+        AMQPValue::ShortString(s) => s.as_str().to_string(),
+        other => panic!("not a string: {other:?}"),
+    }
+}
+
+/// The `x-death` entries of a dead-lettered message: (queue, reason, count, exchange,
+/// routing-keys), newest first; each entry also has a `time`.
+fn x_death(props: &BasicProperties) -> Vec<(String, String, i64, String, Vec<String>)> {
+    let headers = props.headers().as_ref().expect("headers");
+    let Some(AMQPValue::FieldArray(deaths)) = headers.inner().get("x-death") else {
+        panic!("no x-death in {headers:?}");
+    };
+    deaths
+        .as_slice()
+        .iter()
+        .map(|d| {
+            let AMQPValue::FieldTable(t) = d else {
+                panic!("{d:?}")
+            };
+            let t = t.inner();
+            assert!(
+                matches!(t.get("time"), Some(AMQPValue::Timestamp(ts)) if *ts > 1_600_000_000),
+                "{t:?}"
+            );
+            let count = match t.get("count") {
+                Some(AMQPValue::LongLongInt(n)) => *n,
+                other => panic!("count {other:?}"),
+            };
+            let AMQPValue::FieldArray(keys) = &t["routing-keys"] else {
+                panic!()
+            };
+            (
+                s(&t["queue"]),
+                s(&t["reason"]),
+                count,
+                s(&t["exchange"]),
+                keys.as_slice().iter().map(s).collect(),
+            )
+        })
+        .collect()
+}
+
+fn header(props: &BasicProperties, name: &str) -> String {
+    s(props
+        .headers()
+        .as_ref()
+        .unwrap()
+        .inner()
+        .get(name)
+        .unwrap_or_else(|| panic!("no {name}")))
+}
+
+async fn get_one(ch: &lapin::Channel, queue: &str) -> lapin::message::BasicGetMessage {
+    for _ in 0..200 {
+        if let Some(m) = ch
+            .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+            .await
+            .unwrap()
+        {
+            return m;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("nothing arrived in {queue}");
+}
+
+async fn dlx_setup(ch: &lapin::Channel) {
+    ch.exchange_declare(
+        "dlx".into(),
+        lapin::ExchangeKind::Direct,
+        Default::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    declare(ch, "dlq", FieldTable::default()).await.unwrap();
+    ch.queue_bind(
+        "dlq".into(),
+        "dlx".into(),
+        "work".into(),
+        Default::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn a_message_nacked_without_requeue_is_dead_lettered_with_its_x_death() {
+    let server = TestServer::start().await;
+    let conn = server.lapin().await;
+    let ch = conn.create_channel().await.unwrap();
+    dlx_setup(&ch).await;
+    declare(
+        &ch,
+        "work",
+        args(&[("x-dead-letter-exchange", text("dlx"))]),
+    )
+    .await
+    .unwrap();
+    let mut app = FieldTable::default();
+    app.insert("app".into(), text("kept"));
+    ch.basic_publish(
+        "".into(),
+        "work".into(),
+        BasicPublishOptions::default(),
+        b"payload",
+        BasicProperties::default()
+            .with_headers(app)
+            .with_correlation_id("c-7".into()),
+    )
+    .await
+    .unwrap();
+    let got = get_one(&ch, "work").await;
+    assert!(got.delivery.data == b"payload");
+    let m = ch
+        .basic_get("work".into(), BasicGetOptions::default())
+        .await
+        .unwrap();
+    assert!(m.is_none());
+    // Take it with manual ack, then nack it without requeue.
+    ch.basic_publish(
+        "".into(),
+        "work".into(),
+        BasicPublishOptions::default(),
+        b"second",
+        BasicProperties::default(),
+    )
+    .await
+    .unwrap();
+    let m = loop {
+        if let Some(m) = ch
+            .basic_get("work".into(), BasicGetOptions::default())
+            .await
+            .unwrap()
+        {
+            break m;
+        }
+    };
+    m.delivery
+        .acker
+        .nack(lapin::options::BasicNackOptions {
+            requeue: false,
+            multiple: false,
+        })
+        .await
+        .unwrap();
+    let dead = get_one(&ch, "dlq").await;
+    assert_eq!(dead.delivery.data, b"second");
+    assert_eq!(dead.delivery.exchange.as_str(), "dlx");
+    assert_eq!(dead.delivery.routing_key.as_str(), "work");
+    let props = &dead.delivery.properties;
+    assert_eq!(
+        x_death(props),
+        [(
+            "work".to_string(),
+            "rejected".to_string(),
+            1,
+            "".to_string(),
+            vec!["work".to_string()]
+        )]
+    );
+    for (h, v) in [
+        ("x-first-death-reason", "rejected"),
+        ("x-first-death-queue", "work"),
+        ("x-first-death-exchange", ""),
+        ("x-last-death-reason", "rejected"),
+        ("x-last-death-queue", "work"),
+        ("x-last-death-exchange", ""),
+    ] {
+        assert_eq!(header(props, h), v, "{h}");
+    }
+    assert!(ch
+        .basic_get("work".into(), BasicGetOptions::default())
+        .await
+        .unwrap()
+        .is_none());
+
+    // The first message's headers and properties survive dead-lettering too.
+    ch.basic_publish(
+        "".into(),
+        "work".into(),
+        BasicPublishOptions::default(),
+        b"third",
+        {
+            let mut app = FieldTable::default();
+            app.insert("app".into(), text("kept"));
+            BasicProperties::default()
+                .with_headers(app)
+                .with_correlation_id("c-7".into())
+        },
+    )
+    .await
+    .unwrap();
+    let m = get_one_manual(&ch, "work").await;
+    m.delivery
+        .acker
+        .reject(lapin::options::BasicRejectOptions { requeue: false })
+        .await
+        .unwrap();
+    let dead = get_one(&ch, "dlq").await;
+    assert_eq!(header(&dead.delivery.properties, "app"), "kept");
+    assert_eq!(
+        dead.delivery
+            .properties
+            .correlation_id()
+            .as_ref()
+            .unwrap()
+            .as_str(),
+        "c-7"
+    );
+    server.stop().await;
+}
+
+async fn get_one_manual(ch: &lapin::Channel, queue: &str) -> lapin::message::BasicGetMessage {
+    for _ in 0..200 {
+        if let Some(m) = ch
+            .basic_get(queue.into(), BasicGetOptions::default())
+            .await
+            .unwrap()
+        {
+            return m;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("nothing arrived in {queue}");
+}
+
+#[tokio::test]
+async fn length_limits_dead_letter_with_reason_maxlen_and_routing_key_override() {
+    let server = TestServer::start().await;
+    let conn = server.lapin().await;
+    let ch = conn.create_channel().await.unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    dlx_setup(&ch).await;
+    declare(
+        &ch,
+        "short",
+        args(&[
+            ("x-max-length", AMQPValue::LongInt(1)),
+            ("x-dead-letter-exchange", text("dlx")),
+            ("x-dead-letter-routing-key", text("work")),
+        ]),
+    )
+    .await
+    .unwrap();
+    assert!(publish_acked(&ch, "short", b"old").await);
+    assert!(publish_acked(&ch, "short", b"new").await);
+    let dead = get_one(&ch, "dlq").await;
+    assert_eq!(dead.delivery.data, b"old");
+    assert_eq!(
+        dead.delivery.routing_key.as_str(),
+        "work",
+        "x-dead-letter-routing-key"
+    );
+    assert_eq!(
+        x_death(&dead.delivery.properties),
+        [(
+            "short".to_string(),
+            "maxlen".to_string(),
+            1,
+            "".to_string(),
+            vec!["short".to_string()]
+        )]
+    );
+    assert_eq!(drain(&ch, "short").await, ["new"]);
+
+    declare(
+        &ch,
+        "full",
+        args(&[
+            ("x-max-length", AMQPValue::LongInt(1)),
+            ("x-overflow", text("reject-publish-dlx")),
+            ("x-dead-letter-exchange", text("dlx")),
+            ("x-dead-letter-routing-key", text("work")),
+        ]),
+    )
+    .await
+    .unwrap();
+    assert!(publish_acked(&ch, "full", b"kept").await);
+    assert!(
+        !publish_acked(&ch, "full", b"refused").await,
+        "the publisher is nacked"
+    );
+    let dead = get_one(&ch, "dlq").await;
+    assert_eq!(
+        dead.delivery.data, b"refused",
+        "and the refused message is dead-lettered"
+    );
+    assert_eq!(
+        header(&dead.delivery.properties, "x-first-death-reason"),
+        "maxlen"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn dying_again_in_the_same_queue_counts_up_and_moves_the_entry_first() {
+    let server = TestServer::start().await;
+    let conn = server.lapin().await;
+    let ch = conn.create_channel().await.unwrap();
+    // work and retry dead-letter into each other through the default exchange.
+    declare(
+        &ch,
+        "work",
+        args(&[
+            ("x-dead-letter-exchange", text("")),
+            ("x-dead-letter-routing-key", text("retry")),
+        ]),
+    )
+    .await
+    .unwrap();
+    declare(
+        &ch,
+        "retry",
+        args(&[
+            ("x-dead-letter-exchange", text("")),
+            ("x-dead-letter-routing-key", text("work")),
+        ]),
+    )
+    .await
+    .unwrap();
+    ch.basic_publish(
+        "".into(),
+        "work".into(),
+        BasicPublishOptions::default(),
+        b"m",
+        BasicProperties::default(),
+    )
+    .await
+    .unwrap();
+    for queue in ["work", "retry", "work"] {
+        let m = get_one_manual(&ch, queue).await;
+        m.delivery
+            .acker
+            .nack(lapin::options::BasicNackOptions {
+                requeue: false,
+                multiple: false,
+            })
+            .await
+            .unwrap();
+    }
+    let m = get_one(&ch, "retry").await;
+    assert_eq!(
+        x_death(&m.delivery.properties),
+        [
+            (
+                "work".to_string(),
+                "rejected".to_string(),
+                2,
+                "".to_string(),
+                vec!["work".to_string()]
+            ),
+            (
+                "retry".to_string(),
+                "rejected".to_string(),
+                1,
+                "".to_string(),
+                vec!["retry".to_string()]
+            ),
+        ]
+    );
+    assert_eq!(
+        header(&m.delivery.properties, "x-first-death-queue"),
+        "work"
+    );
+    assert_eq!(header(&m.delivery.properties, "x-last-death-queue"), "work");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_missing_dead_letter_exchange_drops_and_a_routing_key_alone_is_refused() {
+    let server = TestServer::start().await;
+    let conn = server.lapin().await;
+    let ch = conn.create_channel().await.unwrap();
+    declare(
+        &ch,
+        "orphan",
+        args(&[("x-dead-letter-exchange", text("nowhere"))]),
+    )
+    .await
+    .unwrap();
+    ch.basic_publish(
+        "".into(),
+        "orphan".into(),
+        BasicPublishOptions::default(),
+        b"m",
+        BasicProperties::default(),
+    )
+    .await
+    .unwrap();
+    let m = get_one_manual(&ch, "orphan").await;
+    m.delivery
+        .acker
+        .nack(lapin::options::BasicNackOptions {
+            requeue: false,
+            multiple: false,
+        })
+        .await
+        .unwrap();
+    assert!(
+        drain(&ch, "orphan").await.is_empty(),
+        "dropped, not requeued"
+    );
+    let text = expect_lapin_error(
+        "routing key without exchange",
+        declare(
+            &ch,
+            "half",
+            args(&[("x-dead-letter-routing-key", text("k"))]),
+        )
+        .await,
+        406,
+    );
+    assert!(text.contains("x-dead-letter-exchange is not"), "{text}");
+    server.stop().await;
+}
