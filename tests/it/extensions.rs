@@ -319,10 +319,12 @@ fn header(props: &BasicProperties, name: &str) -> String {
         .unwrap_or_else(|| panic!("no {name}")))
 }
 
-async fn get_one(ch: &lapin::Channel, queue: &str) -> lapin::message::BasicGetMessage {
+/// The next message in `queue` through `basic.get` (polled, at most 2 s), acked by the
+/// broker on delivery when `no_ack`.
+async fn get(ch: &lapin::Channel, queue: &str, no_ack: bool) -> lapin::message::BasicGetMessage {
     for _ in 0..200 {
         if let Some(m) = ch
-            .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+            .basic_get(queue.into(), BasicGetOptions { no_ack })
             .await
             .unwrap()
         {
@@ -331,6 +333,14 @@ async fn get_one(ch: &lapin::Channel, queue: &str) -> lapin::message::BasicGetMe
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     panic!("nothing arrived in {queue}");
+}
+
+async fn get_one(ch: &lapin::Channel, queue: &str) -> lapin::message::BasicGetMessage {
+    get(ch, queue, true).await
+}
+
+async fn get_one_manual(ch: &lapin::Channel, queue: &str) -> lapin::message::BasicGetMessage {
+    get(ch, queue, false).await
 }
 
 async fn dlx_setup(ch: &lapin::Channel) {
@@ -380,32 +390,8 @@ async fn a_message_nacked_without_requeue_is_dead_lettered_with_its_x_death() {
     )
     .await
     .unwrap();
-    let got = get_one(&ch, "work").await;
-    assert!(got.delivery.data == b"payload");
-    let m = ch
-        .basic_get("work".into(), BasicGetOptions::default())
-        .await
-        .unwrap();
-    assert!(m.is_none());
-    // Take it with manual ack, then nack it without requeue.
-    ch.basic_publish(
-        "".into(),
-        "work".into(),
-        BasicPublishOptions::default(),
-        b"second",
-        BasicProperties::default(),
-    )
-    .await
-    .unwrap();
-    let m = loop {
-        if let Some(m) = ch
-            .basic_get("work".into(), BasicGetOptions::default())
-            .await
-            .unwrap()
-        {
-            break m;
-        }
-    };
+    // Taken with manual ack, then nacked without requeue.
+    let m = get_one_manual(&ch, "work").await;
     m.delivery
         .acker
         .nack(lapin::options::BasicNackOptions {
@@ -415,7 +401,7 @@ async fn a_message_nacked_without_requeue_is_dead_lettered_with_its_x_death() {
         .await
         .unwrap();
     let dead = get_one(&ch, "dlq").await;
-    assert_eq!(dead.delivery.data, b"second");
+    assert_eq!(dead.delivery.data, b"payload");
     assert_eq!(dead.delivery.exchange.as_str(), "dlx");
     assert_eq!(dead.delivery.routing_key.as_str(), "work");
     let props = &dead.delivery.properties;
@@ -479,20 +465,6 @@ async fn a_message_nacked_without_requeue_is_dead_lettered_with_its_x_death() {
         "c-7"
     );
     server.stop().await;
-}
-
-async fn get_one_manual(ch: &lapin::Channel, queue: &str) -> lapin::message::BasicGetMessage {
-    for _ in 0..200 {
-        if let Some(m) = ch
-            .basic_get(queue.into(), BasicGetOptions::default())
-            .await
-            .unwrap()
-        {
-            return m;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("nothing arrived in {queue}");
 }
 
 #[tokio::test]
