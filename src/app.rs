@@ -81,6 +81,7 @@ impl App {
             ));
         }
         tasks.spawn(watermark.clone().watch(broker.clone(), rx.clone()));
+        tasks.spawn(broker.clone().sweep_expired(rx.clone()));
         let pipeline = pipeline::start(&config, &broker, &mut tasks, rx).await?;
 
         Ok(App {

@@ -82,6 +82,23 @@ impl Broker {
         self.vhosts.read().get(name).cloned()
     }
 
+    /// Expires messages past their TTL in every queue, every 100 ms, until shutdown: RabbitMQ
+    /// expires messages even in queues nobody reads (dead-lettering them where configured).
+    pub async fn sweep_expired(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let mut tick = tokio::time::interval(std::time::Duration::from_millis(100));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = shutdown.changed() => return,
+            }
+            let vhosts: Vec<Arc<VHost>> = self.vhosts.read().values().cloned().collect();
+            for vhost in vhosts {
+                vhost.sweep_expired();
+            }
+        }
+    }
+
     pub fn next_connection_id(&self) -> ConnectionId {
         self.next_connection.fetch_add(1, Ordering::Relaxed)
     }
@@ -180,6 +197,11 @@ impl VHost {
 
     pub fn exchanges(&self) -> Vec<Arc<Exchange>> {
         self.exchanges.read().values().cloned().collect()
+    }
+
+    /// Every queue of the vhost (a snapshot).
+    pub fn all_queues(&self) -> Vec<Arc<Queue>> {
+        self.queues.read().values().cloned().collect()
     }
 
     pub fn queue(&self, name: &str) -> Option<Arc<Queue>> {

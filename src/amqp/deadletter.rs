@@ -11,6 +11,8 @@ use std::sync::Arc;
 use amq_protocol::types::{AMQPValue, FieldArray, FieldTable, LongString};
 
 use super::broker::VHost;
+use amq_protocol::protocol::basic::AMQPProperties;
+
 use super::message::{decode_properties, Message};
 use super::queue::{Enqueued, Queue};
 
@@ -21,6 +23,8 @@ pub enum DeathReason {
     Rejected,
     /// A length limit dropped or refused it.
     Maxlen,
+    /// Its TTL (`x-message-ttl` or `expiration`) passed.
+    Expired,
 }
 
 impl DeathReason {
@@ -28,6 +32,7 @@ impl DeathReason {
         match self {
             DeathReason::Rejected => "rejected",
             DeathReason::Maxlen => "maxlen",
+            DeathReason::Expired => "expired",
         }
     }
 }
@@ -52,6 +57,7 @@ fn with_death(
     queue: &str,
     reason: DeathReason,
     now_secs: u64,
+    original_expiration: Option<&str>,
 ) -> Option<FieldTable> {
     let mut deaths: Vec<AMQPValue> = match headers.inner().get("x-death") {
         Some(AMQPValue::FieldArray(a)) => a.as_slice().to_vec(),
@@ -102,6 +108,9 @@ fn with_death(
                 "routing-keys".into(),
                 AMQPValue::FieldArray(FieldArray::from(vec![long(&message.routing_key)])),
             );
+            if let Some(e) = original_expiration {
+                t.insert("original-expiration".into(), long(e));
+            }
             t
         }
     };
@@ -122,7 +131,63 @@ fn with_death(
     Some(out)
 }
 
+/// The same properties without `expiration`.
+fn without_expiration(p: &AMQPProperties) -> AMQPProperties {
+    let mut out = AMQPProperties::default();
+    if let Some(v) = p.content_type() {
+        out = out.with_content_type(v.clone());
+    }
+    if let Some(v) = p.content_encoding() {
+        out = out.with_content_encoding(v.clone());
+    }
+    if let Some(v) = p.headers() {
+        out = out.with_headers(v.clone());
+    }
+    if let Some(v) = p.delivery_mode() {
+        out = out.with_delivery_mode(*v);
+    }
+    if let Some(v) = p.priority() {
+        out = out.with_priority(*v);
+    }
+    if let Some(v) = p.correlation_id() {
+        out = out.with_correlation_id(v.clone());
+    }
+    if let Some(v) = p.reply_to() {
+        out = out.with_reply_to(v.clone());
+    }
+    if let Some(v) = p.message_id() {
+        out = out.with_message_id(v.clone());
+    }
+    if let Some(v) = p.timestamp() {
+        out = out.with_timestamp(*v);
+    }
+    if let Some(v) = p.kind() {
+        out = out.with_type(v.clone());
+    }
+    if let Some(v) = p.user_id() {
+        out = out.with_user_id(v.clone());
+    }
+    if let Some(v) = p.app_id() {
+        out = out.with_app_id(v.clone());
+    }
+    if let Some(v) = p.cluster_id() {
+        out = out.with_cluster_id(v.clone());
+    }
+    out
+}
+
 impl VHost {
+    /// Dead-letters (or drops) what expired at the head of every queue. Called by the
+    /// broker's sweeper, so TTLs act even on queues nobody reads.
+    pub fn sweep_expired(&self) {
+        for queue in self.all_queues() {
+            let expired = queue.take_expired();
+            if !expired.is_empty() {
+                self.dead_letter(&queue, expired, DeathReason::Expired);
+            }
+        }
+    }
+
     /// Dead-letters `messages` that left `queue` for `reason`, if the queue has a
     /// dead-letter exchange; otherwise (or when it does not exist) they are dropped.
     pub fn dead_letter(&self, queue: &Queue, messages: Vec<Arc<Message>>, reason: DeathReason) {
@@ -138,8 +203,16 @@ impl VHost {
                 continue;
             };
             let headers = props.headers().clone().unwrap_or_default();
-            let Some(headers) = with_death(&headers, &message, queue.name(), reason, now_secs)
-            else {
+            // The per-message TTL does not follow the message: it is kept in x-death.
+            let original_expiration = props.expiration().as_ref().map(|e| e.as_str().to_string());
+            let Some(headers) = with_death(
+                &headers,
+                &message,
+                queue.name(),
+                reason,
+                now_secs,
+                original_expiration.as_deref(),
+            ) else {
                 tracing::debug!(
                     queue = queue.name(),
                     "dead-letter cycle without rejection; message dropped"
@@ -151,7 +224,7 @@ impl VHost {
                 .dead_letter_routing_key
                 .clone()
                 .unwrap_or_else(|| message.routing_key.clone());
-            let props = props.with_headers(headers.clone());
+            let props = without_expiration(&props).with_headers(headers.clone());
             let dead = Arc::new(Message::from_properties(
                 dlx.to_string(),
                 routing_key.clone(),
@@ -223,9 +296,17 @@ mod tests {
     #[test]
     fn entries_are_per_queue_and_reason_newest_first_with_counts() {
         let m = message();
-        let h = with_death(&FieldTable::default(), &m, "a", DeathReason::Rejected, 1).unwrap();
-        let h = with_death(&h, &m, "b", DeathReason::Maxlen, 2).unwrap();
-        let h = with_death(&h, &m, "a", DeathReason::Rejected, 3).unwrap();
+        let h = with_death(
+            &FieldTable::default(),
+            &m,
+            "a",
+            DeathReason::Rejected,
+            1,
+            None,
+        )
+        .unwrap();
+        let h = with_death(&h, &m, "b", DeathReason::Maxlen, 2, None).unwrap();
+        let h = with_death(&h, &m, "a", DeathReason::Rejected, 3, None).unwrap();
         assert_eq!(
             deaths(&h),
             [
@@ -247,9 +328,25 @@ mod tests {
     #[test]
     fn a_cycle_without_rejection_drops_the_message() {
         let m = message();
-        let h = with_death(&FieldTable::default(), &m, "a", DeathReason::Maxlen, 1).unwrap();
-        assert!(with_death(&h, &m, "a", DeathReason::Maxlen, 2).is_none());
-        let h = with_death(&FieldTable::default(), &m, "a", DeathReason::Rejected, 1).unwrap();
-        assert!(with_death(&h, &m, "a", DeathReason::Maxlen, 2).is_some());
+        let h = with_death(
+            &FieldTable::default(),
+            &m,
+            "a",
+            DeathReason::Maxlen,
+            1,
+            None,
+        )
+        .unwrap();
+        assert!(with_death(&h, &m, "a", DeathReason::Maxlen, 2, None).is_none());
+        let h = with_death(
+            &FieldTable::default(),
+            &m,
+            "a",
+            DeathReason::Rejected,
+            1,
+            None,
+        )
+        .unwrap();
+        assert!(with_death(&h, &m, "a", DeathReason::Maxlen, 2, None).is_some());
     }
 }

@@ -24,6 +24,18 @@ pub struct Message {
     pub delivery_mode: u8,
     /// Message priority for priority queues (0 when unset).
     pub priority: u8,
+    /// The per-message TTL from the `expiration` property, in milliseconds.
+    pub expiration_ms: Option<u64>,
+}
+
+/// Parses an `expiration` property: a non-negative integer of milliseconds, as a string.
+fn expiration(props: &AMQPProperties) -> AmqpResult<Option<u64>> {
+    let Some(e) = props.expiration() else {
+        return Ok(None);
+    };
+    e.as_str().parse::<u64>().map(Some).map_err(|_| {
+        AmqpError::precondition(format!("invalid expiration '{}': no_integer", e.as_str()))
+    })
 }
 
 impl Message {
@@ -40,6 +52,7 @@ impl Message {
             routing_key,
             delivery_mode: parsed.delivery_mode().unwrap_or(1),
             priority: parsed.priority().unwrap_or(0),
+            expiration_ms: expiration(&parsed)?,
             properties,
             body,
         };
@@ -58,6 +71,8 @@ impl Message {
             routing_key,
             delivery_mode: properties.delivery_mode().unwrap_or(1),
             priority: properties.priority().unwrap_or(0),
+            // The in-process path is our own code: an unparsable expiration means none.
+            expiration_ms: expiration(properties).ok().flatten(),
             properties: encode_properties(properties),
             body,
         }

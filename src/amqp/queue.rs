@@ -3,6 +3,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use amq_protocol::types::{AMQPValue, FieldTable};
 use parking_lot::Mutex;
@@ -48,6 +49,8 @@ pub struct QueueArgs {
     pub dead_letter_exchange: Option<String>,
     /// `x-dead-letter-routing-key`: their routing key there (default: their own).
     pub dead_letter_routing_key: Option<String>,
+    /// `x-message-ttl`: milliseconds a message may wait in this queue.
+    pub message_ttl: Option<u64>,
 }
 
 /// What became of one publish to one queue.
@@ -70,6 +73,9 @@ pub struct QueuedMessage {
     pub redelivered: bool,
     /// Position in the queue's arrival order, so requeued messages go back where they were.
     pub seq: u64,
+    /// When it expires (the queue's `x-message-ttl` or its own `expiration`, whichever is
+    /// sooner); kept when it is requeued, as in RabbitMQ.
+    pub expires_at: Option<Instant>,
 }
 
 #[derive(Debug, Default)]
@@ -84,6 +90,9 @@ struct QueueState {
     unacked: usize,
     /// Messages dropped from the head by a length limit (for the management view).
     dropped: u64,
+    /// Expired messages taken off the head, waiting to be dead-lettered by the sweeper
+    /// (which holds the vhost the queue itself does not know).
+    expired: Vec<Arc<Message>>,
     /// Auto-delete applies only to queues that have had a consumer.
     had_consumer: bool,
     deleted: bool,
@@ -178,6 +187,9 @@ impl Queue {
                     }
                     other => return Err(bad(key, unacceptable(other))),
                 },
+                "x-message-ttl" => {
+                    args.message_ttl = Some(non_negative(value).map_err(|why| bad(key, why))?)
+                }
                 "x-single-active-consumer" => match value {
                     AMQPValue::Boolean(b) => args.single_active_consumer = *b,
                     other => return Err(bad(key, unacceptable(other))),
@@ -235,14 +247,42 @@ impl Queue {
         let seq = st.next_seq;
         st.next_seq += 1;
         st.ready_bytes += size;
+        let ttl = match (self.args.message_ttl, message.expiration_ms) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         st.ready.push_back(QueuedMessage {
             message,
             redelivered: false,
             seq,
+            expires_at: ttl.map(|ms| Instant::now() + Duration::from_millis(ms)),
         });
         self.dispatch_locked(&mut st);
+        // A TTL of 0 means: delivered at once or expired.
+        self.expire_head(&mut st, Instant::now());
         let dropped = self.drop_head_over_limits(&mut st);
         Enqueued::Accepted { dropped }
+    }
+
+    /// Takes expired messages off the head (RabbitMQ expires at the head only) into the
+    /// list the sweeper dead-letters.
+    fn expire_head(&self, st: &mut QueueState, now: Instant) {
+        while st
+            .ready
+            .front()
+            .is_some_and(|m| m.expires_at.is_some_and(|t| t <= now))
+        {
+            let m = st.ready.pop_front().expect("checked");
+            st.ready_bytes -= m.message.size();
+            st.expired.push(m.message);
+        }
+    }
+
+    /// Expires the head now and hands over what expired (the sweeper's call).
+    pub fn take_expired(&self) -> Vec<Arc<Message>> {
+        let mut st = self.state.lock();
+        self.expire_head(&mut st, Instant::now());
+        std::mem::take(&mut st.expired)
     }
 
     /// Whether a message of `size` bytes would take the ready messages past a limit.
@@ -290,6 +330,7 @@ impl Queue {
     }
 
     fn dispatch_locked(self: &Arc<Self>, st: &mut QueueState) {
+        self.expire_head(st, Instant::now());
         while !st.ready.is_empty() && !st.consumers.is_empty() {
             let pick = if self.args.single_active_consumer {
                 // Only the first registered consumer is active; the others wait their turn.
@@ -321,6 +362,7 @@ impl Queue {
     /// `basic.get`: the next ready message and how many remain.
     pub fn get(self: &Arc<Self>, no_ack: bool) -> Option<(QueuedMessage, u32)> {
         let mut st = self.state.lock();
+        self.expire_head(&mut st, Instant::now());
         debug_assert!(!self.args.single_active_consumer, "checked by the channel");
         let message = st.ready.pop_front()?;
         st.ready_bytes -= message.message.size();

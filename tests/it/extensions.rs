@@ -658,3 +658,166 @@ async fn a_missing_dead_letter_exchange_drops_and_a_routing_key_alone_is_refused
     assert!(text.contains("x-dead-letter-exchange is not"), "{text}");
     server.stop().await;
 }
+
+#[tokio::test]
+async fn queue_ttl_expires_messages_into_the_dead_letter_exchange() {
+    let server = TestServer::start().await;
+    let conn = server.lapin().await;
+    let ch = conn.create_channel().await.unwrap();
+    dlx_setup(&ch).await;
+    declare(
+        &ch,
+        "ttlq",
+        args(&[
+            ("x-message-ttl", AMQPValue::LongInt(50)),
+            ("x-dead-letter-exchange", text("dlx")),
+            ("x-dead-letter-routing-key", text("work")),
+        ]),
+    )
+    .await
+    .unwrap();
+    for body in [&b"first"[..], b"second"] {
+        ch.basic_publish(
+            "".into(),
+            "ttlq".into(),
+            BasicPublishOptions::default(),
+            body,
+            BasicProperties::default(),
+        )
+        .await
+        .unwrap();
+    }
+    // Nobody reads ttlq: the broker expires them on its own.
+    for want in [&b"first"[..], b"second"] {
+        let dead = get_one(&ch, "dlq").await;
+        assert_eq!(dead.delivery.data, want);
+        assert_eq!(
+            x_death(&dead.delivery.properties),
+            [(
+                "ttlq".to_string(),
+                "expired".to_string(),
+                1,
+                "".to_string(),
+                vec!["ttlq".to_string()]
+            )]
+        );
+    }
+    assert!(drain(&ch, "ttlq").await.is_empty());
+
+    // Read in time, a message is delivered as usual.
+    declare(
+        &ch,
+        "slow-ttl",
+        args(&[("x-message-ttl", AMQPValue::LongInt(60_000))]),
+    )
+    .await
+    .unwrap();
+    ch.basic_publish(
+        "".into(),
+        "slow-ttl".into(),
+        BasicPublishOptions::default(),
+        b"fresh",
+        BasicProperties::default(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(get_one(&ch, "slow-ttl").await.delivery.data, b"fresh");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn per_message_expiration_is_moved_into_x_death_and_without_a_dlx_the_message_is_dropped() {
+    let server = TestServer::start().await;
+    let conn = server.lapin().await;
+    let ch = conn.create_channel().await.unwrap();
+    dlx_setup(&ch).await;
+    declare(
+        &ch,
+        "px",
+        args(&[
+            ("x-dead-letter-exchange", text("dlx")),
+            ("x-dead-letter-routing-key", text("work")),
+        ]),
+    )
+    .await
+    .unwrap();
+    ch.basic_publish(
+        "".into(),
+        "px".into(),
+        BasicPublishOptions::default(),
+        b"short-lived",
+        BasicProperties::default().with_expiration("30".into()),
+    )
+    .await
+    .unwrap();
+    let dead = get_one(&ch, "dlq").await;
+    assert_eq!(dead.delivery.data, b"short-lived");
+    assert!(
+        dead.delivery.properties.expiration().is_none(),
+        "the expiration does not follow the message"
+    );
+    let headers = dead.delivery.properties.headers().as_ref().unwrap();
+    let Some(AMQPValue::FieldArray(deaths)) = headers.inner().get("x-death") else {
+        panic!()
+    };
+    let AMQPValue::FieldTable(entry) = &deaths.as_slice()[0] else {
+        panic!()
+    };
+    assert_eq!(s(&entry.inner()["original-expiration"]), "30");
+    assert_eq!(s(&entry.inner()["reason"]), "expired");
+
+    declare(&ch, "no-dlx", FieldTable::default()).await.unwrap();
+    ch.basic_publish(
+        "".into(),
+        "no-dlx".into(),
+        BasicPublishOptions::default(),
+        b"gone",
+        BasicProperties::default().with_expiration("20".into()),
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(drain(&ch, "no-dlx").await.is_empty(), "expired and dropped");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn an_invalid_expiration_or_ttl_is_a_406() {
+    let server = TestServer::start().await;
+    let conn = server.lapin().await;
+    let ch = conn.create_channel().await.unwrap();
+    declare(&ch, "q", FieldTable::default()).await.unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let confirm = ch
+        .basic_publish(
+            "".into(),
+            "q".into(),
+            BasicPublishOptions::default(),
+            b"x",
+            BasicProperties::default().with_expiration("soon".into()),
+        )
+        .await;
+    let result = match confirm {
+        Ok(c) => tokio::time::timeout(Duration::from_secs(10), c)
+            .await
+            .expect("an answer"),
+        Err(e) => Err(e),
+    };
+    let text = expect_lapin_error("expiration 'soon'", result, 406);
+    assert!(text.contains("invalid expiration 'soon'"), "{text}");
+    let ch = conn.create_channel().await.unwrap();
+    let text = expect_lapin_error(
+        "negative ttl",
+        declare(
+            &ch,
+            "neg",
+            args(&[("x-message-ttl", AMQPValue::LongInt(-5))]),
+        )
+        .await,
+        406,
+    );
+    assert!(text.contains("invalid arg 'x-message-ttl'"), "{text}");
+    server.stop().await;
+}
