@@ -51,6 +51,8 @@ pub struct QueueArgs {
     pub dead_letter_routing_key: Option<String>,
     /// `x-message-ttl`: milliseconds a message may wait in this queue.
     pub message_ttl: Option<u64>,
+    /// `x-max-priority`: a priority queue; message priorities above it count as it.
+    pub max_priority: Option<u8>,
 }
 
 /// What became of one publish to one queue.
@@ -187,6 +189,12 @@ impl Queue {
                     }
                     other => return Err(bad(key, unacceptable(other))),
                 },
+                "x-max-priority" => {
+                    let n = non_negative(value).map_err(|why| bad(key, why))?;
+                    let max = u8::try_from(n)
+                        .map_err(|_| bad(key, format!("{{value_too_large,{n}}} (at most 255)")))?;
+                    args.max_priority = Some(max);
+                }
                 "x-message-ttl" => {
                     args.message_ttl = Some(non_negative(value).map_err(|why| bad(key, why))?)
                 }
@@ -251,12 +259,23 @@ impl Queue {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
-        st.ready.push_back(QueuedMessage {
+        let queued = QueuedMessage {
             message,
             redelivered: false,
             seq,
             expires_at: ttl.map(|ms| Instant::now() + Duration::from_millis(ms)),
-        });
+        };
+        match self.args.max_priority {
+            None => st.ready.push_back(queued),
+            Some(max) => {
+                // Higher priorities first, arrival order within one priority.
+                let p = queued.message.priority.min(max);
+                let at = st
+                    .ready
+                    .partition_point(|m| m.message.priority.min(max) >= p);
+                st.ready.insert(at, queued);
+            }
+        }
         self.dispatch_locked(&mut st);
         // A TTL of 0 means: delivered at once or expired.
         self.expire_head(&mut st, Instant::now());
@@ -389,7 +408,16 @@ impl Queue {
         for mut m in messages {
             m.redelivered = true;
             st.ready_bytes += m.message.size();
-            let at = st.ready.partition_point(|x| x.seq < m.seq);
+            let at = match self.args.max_priority {
+                None => st.ready.partition_point(|x| x.seq < m.seq),
+                Some(max) => {
+                    let p = m.message.priority.min(max);
+                    st.ready.partition_point(|x| {
+                        let q = x.message.priority.min(max);
+                        q > p || (q == p && x.seq < m.seq)
+                    })
+                }
+            };
             st.ready.insert(at, m);
         }
         self.dispatch_locked(&mut st);

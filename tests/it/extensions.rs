@@ -821,3 +821,88 @@ async fn an_invalid_expiration_or_ttl_is_a_406() {
     assert!(text.contains("invalid arg 'x-message-ttl'"), "{text}");
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_priority_queue_delivers_higher_priorities_first_and_caps_at_its_maximum() {
+    let server = TestServer::start().await;
+    let conn = server.lapin().await;
+    let ch = conn.create_channel().await.unwrap();
+    declare(
+        &ch,
+        "prio",
+        args(&[("x-max-priority", AMQPValue::ShortShortUInt(5))]),
+    )
+    .await
+    .unwrap();
+    for (body, priority) in [
+        ("p1", Some(1)),
+        ("p5", Some(5)),
+        ("p3", Some(3)),
+        ("none", None),
+        ("p9", Some(9)),
+        ("p3b", Some(3)),
+    ] {
+        let props = match priority {
+            Some(p) => BasicProperties::default().with_priority(p),
+            None => BasicProperties::default(),
+        };
+        ch.basic_publish(
+            "".into(),
+            "prio".into(),
+            BasicPublishOptions::default(),
+            body.as_bytes(),
+            props,
+        )
+        .await
+        .unwrap();
+    }
+    // 9 counts as 5, after the earlier 5; equal priorities keep their order; none is 0.
+    // The publishes went before this declare on the same channel, so all six are queued.
+    let queued = declare(
+        &ch,
+        "prio",
+        args(&[("x-max-priority", AMQPValue::ShortShortUInt(5))]),
+    )
+    .await
+    .unwrap();
+    assert_eq!(queued.message_count(), 6);
+    let order = drain(&ch, "prio").await;
+    assert_eq!(order, ["p5", "p9", "p3", "p3b", "p1", "none"]);
+
+    // A requeued message goes back to its place among its priority.
+    for (body, p) in [("low", 1u8), ("high", 4)] {
+        ch.basic_publish(
+            "".into(),
+            "prio".into(),
+            BasicPublishOptions::default(),
+            body.as_bytes(),
+            BasicProperties::default().with_priority(p),
+        )
+        .await
+        .unwrap();
+    }
+    let high = get_one_manual(&ch, "prio").await;
+    assert_eq!(high.delivery.data, b"high");
+    high.delivery
+        .acker
+        .nack(lapin::options::BasicNackOptions {
+            requeue: true,
+            multiple: false,
+        })
+        .await
+        .unwrap();
+    assert_eq!(drain(&ch, "prio").await, ["high", "low"]);
+
+    let text = expect_lapin_error(
+        "x-max-priority 300",
+        declare(
+            &ch,
+            "prio-big",
+            args(&[("x-max-priority", AMQPValue::ShortUInt(300))]),
+        )
+        .await,
+        406,
+    );
+    assert!(text.contains("invalid arg 'x-max-priority'"), "{text}");
+    server.stop().await;
+}
