@@ -90,7 +90,7 @@ impl Conductor {
             }
             reclaim_orphan_leases(tx)?;
             let mut resent = 0;
-            for mut case in self.store_cases_in(tx)? {
+            for mut case in tx.cases()? {
                 if case.status != CaseStatus::Processing {
                     continue;
                 }
@@ -123,11 +123,6 @@ impl Conductor {
         })?;
         self.outbox_ready.notify_one();
         Ok(resent)
-    }
-
-    fn store_cases_in(&self, _tx: &Tx<'_>) -> StoreResult<Vec<CaseRecord>> {
-        // A read of committed state is enough here: recovery runs before any writer starts.
-        self.store.cases()
     }
 
     /// Records a newly found case (once: a second announcement changes nothing) and starts
@@ -203,12 +198,7 @@ impl Conductor {
     /// Applies one input to one case, in one transaction.
     pub fn apply(&self, id: &CaseId, input: Input) -> StoreResult<Applied> {
         let now = now_ms();
-        let (applied, freed) = self.store.write(|tx| {
-            let leases_before = tx.leases()?.len();
-            let applied = self.apply_in(tx, id, input, now)?;
-            let freed = tx.leases()?.len() < leases_before;
-            Ok((applied, freed))
-        })?;
+        let (applied, freed) = self.store.write(|tx| self.apply_in(tx, id, input, now))?;
         if matches!(applied, Applied::Changed(_)) {
             self.outbox_ready.notify_one();
         }
@@ -224,20 +214,22 @@ impl Conductor {
         id: &CaseId,
         input: Input,
         now: u64,
-    ) -> StoreResult<Applied> {
+    ) -> StoreResult<(Applied, bool)> {
         let Some(case) = tx.case(id)? else {
-            return Ok(Applied::NoSuchCase);
+            return Ok((Applied::NoSuchCase, false));
         };
         let ctx = Ctx {
             now_ms: now,
             jitter: rand::rng().random::<f64>(),
-            free_gpu: self.free_gpu(tx, &case, now)?,
+            free_gpu: self.free_gpu(tx, &case)?,
         };
         let decision = match decide(&case, input, &self.plan, &ctx) {
             Ok(d) => d,
-            Err(r) => return Ok(Applied::Rejected(r)),
+            Err(r) => return Ok((Applied::Rejected(r), false)),
         };
         let mut case = decision.case;
+        // Whether this decision freed a GPU: the ticker then re-drives waiting cases at once.
+        let mut freed = false;
         for row in &decision.history {
             tx.push_history(&mut case, row)?;
         }
@@ -290,16 +282,16 @@ impl Conductor {
                     })?;
                 }
                 Effect::ReleaseGpu(gpu) => {
-                    tx.release_lease(&gpu, &case.case_id)?;
+                    freed |= tx.release_lease(&gpu, &case.case_id)?;
                 }
             }
         }
         tx.put_case(&case)?;
-        Ok(Applied::Changed(case.status))
+        Ok((Applied::Changed(case.status), freed))
     }
 
     /// A usable, unleased GPU on the host of the case's current step, if that step needs one.
-    fn free_gpu(&self, tx: &Tx<'_>, case: &CaseRecord, _now: u64) -> StoreResult<Option<GpuKey>> {
+    fn free_gpu(&self, tx: &Tx<'_>, case: &CaseRecord) -> StoreResult<Option<GpuKey>> {
         let Some(workflow) = self.plan.workflow(&case.workflow) else {
             return Ok(None);
         };

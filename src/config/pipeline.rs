@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::conductor::template::{self, Template};
+use crate::conductor::template::Template;
 
 /// `[broker]`: which broker the workflow talks through.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
@@ -427,7 +427,6 @@ impl PipelineConfig<'_> {
                 }
             }
         }
-        let _ = template::PLACEHOLDERS;
         Ok(())
     }
 }

@@ -92,7 +92,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<bool> {
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("cannot create {}", data_dir.display()))?;
     let data_dir = std::fs::canonicalize(&data_dir)?;
-    let bin = data_dir.join("demo-bin");
+    let bin = standin_dir(&data_dir);
     super::write_standins(&bin).context("cannot write the stand-in scripts")?;
     let config = demo_config(&data_dir, &bin)?;
     let scan_dir = config.scan_dir();
@@ -196,7 +196,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<bool> {
     Ok(completed == cases)
 }
 
-/// Where the demo keeps its stand-ins, for tests that build their own config.
+/// Where the demo keeps its stand-in scripts in a data dir.
 pub fn standin_dir(data_dir: &Path) -> PathBuf {
     data_dir.join("demo-bin")
 }

@@ -359,6 +359,11 @@ impl Tx<'_> {
             .transpose()
     }
 
+    /// Every live case, as this transaction sees it.
+    pub fn cases(&self) -> StoreResult<Vec<CaseRecord>> {
+        decode_all(&self.txn.open_table(CASES)?, "cases")
+    }
+
     pub fn put_case(&mut self, case: &CaseRecord) -> StoreResult<()> {
         self.txn
             .open_table(CASES)?

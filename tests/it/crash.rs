@@ -39,8 +39,10 @@ fn serve(config: &Path, ledger: &Path) -> Child {
 fn config_file(dir: &Path) -> std::path::PathBuf {
     let data = dir.join("data");
     let config = workflow_config(&data);
-    let text =
-        mqic::demo::run::demo_config_text(&config.data_dir, &config.data_dir.join("demo-bin"));
+    let text = mqic::demo::run::demo_config_text(
+        &config.data_dir,
+        &mqic::demo::run::standin_dir(&config.data_dir),
+    );
     let path = dir.join("mqic.toml");
     std::fs::write(&path, text).unwrap();
     path

@@ -23,7 +23,7 @@ use crate::support::TestServer;
 pub fn workflow_config(data_dir: &Path) -> Config {
     std::fs::create_dir_all(data_dir).unwrap();
     let data_dir = std::fs::canonicalize(data_dir).unwrap();
-    let bin = data_dir.join("demo-bin");
+    let bin = mqic::demo::run::standin_dir(&data_dir);
     mqic::demo::write_standins(&bin).unwrap();
     let mut config = mqic::demo::run::demo_config(&data_dir, &bin).unwrap();
     config.amqp.listen = "127.0.0.1:0".parse().unwrap();
