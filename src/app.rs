@@ -14,6 +14,7 @@ use tokio::task::JoinSet;
 
 use crate::amqp::{server, Broker};
 use crate::config::Config;
+use crate::disk::DiskFreeLimit;
 use crate::memory::{self, MemoryWatermark};
 use crate::pipeline::{self, Pipeline};
 
@@ -28,6 +29,8 @@ pub struct App {
     /// Where the AMQPS listener is bound, if configured.
     pub amqps_addr: Option<SocketAddr>,
     pub memory: Arc<MemoryWatermark>,
+    /// The disk free limit on the data dir's file system.
+    pub disk: Arc<DiskFreeLimit>,
     /// The case pipeline: conductor, bus and workers.
     pub pipeline: Pipeline,
     /// The configuration as started (data dir made absolute).
@@ -55,6 +58,8 @@ impl App {
         let total = memory::total_memory_bytes().unwrap_or(u64::MAX);
         let watermark = MemoryWatermark::new(config.amqp.memory_high_watermark.bytes(total));
 
+        let disk = DiskFreeLimit::new(config.amqp.disk_free_limit, config.data_dir.clone());
+
         let plain = bind(config.amqp.listen, "AMQP").await?;
         let amqp_addr = plain.local_addr()?;
         let tls = match &config.amqp.tls {
@@ -81,6 +86,7 @@ impl App {
             ));
         }
         tasks.spawn(watermark.clone().watch(broker.clone(), rx.clone()));
+        tasks.spawn(disk.clone().watch(broker.clone(), rx.clone()));
         tasks.spawn(broker.clone().sweep_expired(rx.clone()));
         let pipeline = pipeline::start(&config, &broker, &mut tasks, rx).await?;
 
@@ -89,6 +95,7 @@ impl App {
             amqp_addr,
             amqps_addr,
             memory: watermark,
+            disk,
             pipeline,
             config,
             shutdown,

@@ -7,6 +7,7 @@
 //! - [`amqp`]: the embedded AMQP 0-9-1 broker (codec, connections, channels, exchanges,
 //!   queues) and its in-process API.
 //! - [`memory`]: the memory high watermark that blocks publishers.
+//! - [`disk`]: the disk free limit on the data dir that blocks publishers.
 //! - [`protocol`]: the message contract: envelope, commands, RPC, events, topology.
 //! - [`bus`]: the `Bus` the workflow talks through (embedded broker or a remote one).
 //! - [`store`]: `mqic.redb`: cases, history, GPU leases, the outbox, events, archives.
@@ -24,6 +25,7 @@ pub mod cli;
 pub mod conductor;
 pub mod config;
 pub mod demo;
+pub mod disk;
 pub mod hpc;
 pub mod logbus;
 pub mod memory;

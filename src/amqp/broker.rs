@@ -49,8 +49,32 @@ pub struct Broker {
     next_connection: AtomicU64,
     /// Open connections (wire and in-process), for the connection limit.
     pub connections: AtomicUsize,
-    /// True while memory use is above the high watermark: publishers are blocked.
-    memory_alarm: watch::Sender<bool>,
+    /// The resource alarms in force (memory, disk): while any is on, publishers are blocked.
+    alarms: watch::Sender<Alarms>,
+}
+
+/// The resource alarms that block publishers (`connection.blocked`), as RabbitMQ raises them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Alarms {
+    /// Resident memory is above the high watermark.
+    pub memory: bool,
+    /// Free disk space under the data dir is below the limit.
+    pub disk: bool,
+}
+
+impl Alarms {
+    pub fn any(self) -> bool {
+        self.memory || self.disk
+    }
+
+    /// The reason `connection.blocked` carries, in RabbitMQ's words.
+    pub fn reason(self) -> &'static str {
+        match (self.memory, self.disk) {
+            (true, true) => "low on memory & low on disk",
+            (false, true) => "low on disk",
+            _ => "low on memory",
+        }
+    }
 }
 
 impl Broker {
@@ -61,7 +85,7 @@ impl Broker {
             vhosts: RwLock::new(HashMap::new()),
             next_connection: AtomicU64::new(1),
             connections: AtomicUsize::new(0),
-            memory_alarm: watch::channel(false).0,
+            alarms: watch::channel(Alarms::default()).0,
         };
         for name in vhosts {
             broker.add_vhost(name);
@@ -103,17 +127,26 @@ impl Broker {
         self.next_connection.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Raises or clears the memory alarm; connections react through [`Broker::memory_alarm`].
+    /// Raises or clears the memory alarm; connections react through [`Broker::alarms`].
     pub fn set_memory_alarm(&self, on: bool) {
-        self.memory_alarm.send_if_modified(|v| {
-            let changed = *v != on;
-            *v = on;
+        self.alarms.send_if_modified(|a| {
+            let changed = a.memory != on;
+            a.memory = on;
             changed
         });
     }
 
-    pub fn memory_alarm(&self) -> watch::Receiver<bool> {
-        self.memory_alarm.subscribe()
+    /// Raises or clears the disk alarm; connections react through [`Broker::alarms`].
+    pub fn set_disk_alarm(&self, on: bool) {
+        self.alarms.send_if_modified(|a| {
+            let changed = a.disk != on;
+            a.disk = on;
+            changed
+        });
+    }
+
+    pub fn alarms(&self) -> watch::Receiver<Alarms> {
+        self.alarms.subscribe()
     }
 
     /// Deletes the exclusive queues of a closing connection.
@@ -302,7 +335,10 @@ impl VHost {
             let q = self
                 .queue(&spec.name)
                 .ok_or_else(|| self.no_queue(&spec.name))?;
-            q.check_access(connection)?;
+            // A responder may check that a direct reply-to requester is still there.
+            if !q.is_reply_to() {
+                q.check_access(connection)?;
+            }
             return Ok((q, false));
         }
         if spec.name.starts_with("amq.") && !server_named {
@@ -317,11 +353,36 @@ impl VHost {
         if let Some(existing) = queues.get(&spec.name) {
             existing.check_access(connection)?;
             check_queue_equivalence(&existing.spec, &spec, &self.name)?;
+            existing.touch();
             return Ok((existing.clone(), false));
         }
         Queue::validate_arguments(&spec.arguments, &spec.name, &self.name)?;
         let owner = spec.exclusive.then_some(connection);
         let q = Queue::new(spec, self.name.clone(), owner);
+        if q.args.quorum {
+            // RabbitMQ's own refusals for properties a quorum queue cannot have.
+            let refused = if q.spec.exclusive {
+                Some("exclusive-owner")
+            } else if !q.spec.durable {
+                Some("non-durable")
+            } else if q.spec.auto_delete {
+                Some("auto-delete")
+            } else {
+                None
+            };
+            if let Some(property) = refused {
+                return Err(AmqpError::precondition(format!(
+                    "invalid property '{property}' for queue '{}' in vhost '{}'",
+                    q.name(),
+                    self.name
+                )));
+            }
+            tracing::info!(
+                queue = q.name(),
+                vhost = %self.name,
+                "x-queue-type quorum: served as a durable classic queue on this one node (no replication; x-delivery-limit and other quorum-only arguments are not enforced)"
+            );
+        }
         queues.insert(q.name().to_string(), q.clone());
         Ok((q, true))
     }
@@ -375,6 +436,12 @@ impl VHost {
         arguments: FieldTable,
         connection: ConnectionId,
     ) -> AmqpResult<()> {
+        if queue.starts_with(super::channel::REPLY_TO_PREFIX) {
+            return Err(AmqpError::access_refused(format!(
+                "queue '{queue}' in vhost '{}' is a direct reply-to queue: it cannot be bound",
+                self.name
+            )));
+        }
         let q = self.usable_queue(queue, connection)?;
         let x = self.bindable_exchange(exchange)?;
         x.bind(Binding {

@@ -105,7 +105,15 @@ pub struct Channel {
     /// `basic.qos global=false`: the prefetch given to consumers created afterwards.
     consumer_prefetch: u32,
     mode: Mode,
+    /// Direct reply-to: the hidden queue behind this channel's `amq.rabbitmq.reply-to`
+    /// consumer, whose name replaces `reply_to = amq.rabbitmq.reply-to` on publish.
+    reply_queue: Option<String>,
 }
+
+/// The pseudo-queue a requester consumes from for direct reply-to.
+pub const REPLY_TO: &str = "amq.rabbitmq.reply-to";
+/// The prefix of the names direct reply-to gives requesters (`amq.rabbitmq.reply-to.<id>`).
+pub const REPLY_TO_PREFIX: &str = "amq.rabbitmq.reply-to.";
 
 fn queue_name_err() -> AmqpError {
     AmqpError::not_found("no previously declared queue")
@@ -119,6 +127,7 @@ impl Channel {
             last_queue: None,
             consumer_prefetch: 0,
             mode: Mode::Plain,
+            reply_queue: None,
         }
     }
 
@@ -316,8 +325,12 @@ impl Channel {
         exclusive: bool,
         arguments: FieldTable,
     ) -> AmqpResult<NewConsumer> {
-        let queue = self.queue_name(queue)?;
-        let q = self.vhost().usable_queue(&queue, self.conn())?;
+        let q = if queue == REPLY_TO {
+            self.reply_to_queue(no_ack)?
+        } else {
+            let queue = self.queue_name(queue)?;
+            self.vhost().usable_queue(&queue, self.conn())?
+        };
         let tag = if tag.is_empty() {
             format!("amq.ctag-{}", random_suffix())
         } else {
@@ -353,7 +366,35 @@ impl Channel {
             self.shared.remove_consumer(&tag);
             return Err(e);
         }
+        if q.name().starts_with(REPLY_TO_PREFIX) {
+            self.reply_queue = Some(q.name().to_string());
+        }
         Ok(NewConsumer { tag, queue: q })
+    }
+
+    /// Direct reply-to: a consumer on `amq.rabbitmq.reply-to` gets a hidden queue of its
+    /// own (exclusive to this connection, deleted with the consumer) that responders reach
+    /// through the default exchange by the name the broker writes into `reply_to`.
+    fn reply_to_queue(&mut self, no_ack: bool) -> AmqpResult<Arc<Queue>> {
+        if !no_ack {
+            return Err(AmqpError::precondition("reply consumer cannot acknowledge"));
+        }
+        if self.reply_queue.is_some() {
+            return Err(AmqpError::precondition("reply consumer already set"));
+        }
+        let (q, _) = self.vhost().declare_queue(
+            QueueSpec {
+                name: format!("{REPLY_TO_PREFIX}{}", random_suffix()),
+                durable: false,
+                exclusive: true,
+                auto_delete: true,
+                arguments: FieldTable::default(),
+            },
+            false,
+            true,
+            self.conn(),
+        )?;
+        Ok(q)
     }
 
     /// `basic.cancel`: cancelling an unknown tag is fine, as in RabbitMQ.
@@ -363,7 +404,10 @@ impl Channel {
         }
     }
 
-    fn drop_consumer(&self, consumer: &Arc<Consumer>) {
+    fn drop_consumer(&mut self, consumer: &Arc<Consumer>) {
+        if self.reply_queue.as_deref() == Some(consumer.queue.name()) {
+            self.reply_queue = None;
+        }
         if consumer.queue.remove_consumer(consumer) {
             let _ = self
                 .vhost()
@@ -420,12 +464,26 @@ impl Channel {
                 self.session.broker.limits.max_message_size
             )));
         }
-        let (message, props) = Message::from_raw(
+        let (mut message, props) = Message::from_raw(
             exchange.to_string(),
             routing_key.to_string(),
             properties,
             body,
         )?;
+        if props
+            .reply_to()
+            .as_ref()
+            .is_some_and(|r| r.as_str() == REPLY_TO)
+        {
+            // Direct reply-to: the responder gets this channel's reply queue name.
+            let Some(reply_queue) = &self.reply_queue else {
+                return Err(AmqpError::precondition(
+                    "fast reply consumer does not exist",
+                ));
+            };
+            let props = props.clone().with_reply_to(reply_queue.as_str().into());
+            message.properties = super::message::encode_properties(&props);
+        }
         if let Some(user_id) = props.user_id() {
             if user_id.as_str() != self.session.user {
                 return Err(AmqpError::precondition(format!(
@@ -528,7 +586,10 @@ impl Channel {
                 Enqueued::Gone => {}
             }
         }
-        if !routed && mandatory {
+        // A reply to a requester that has gone counts as routed, as in RabbitMQ (delivery
+        // to direct reply-to is at most once).
+        let reply = message.exchange.is_empty() && message.routing_key.starts_with(REPLY_TO_PREFIX);
+        if !routed && mandatory && !reply {
             self.shared
                 .out
                 .basic_return(ReplyCode::NoRoute.code(), "NO_ROUTE", message);

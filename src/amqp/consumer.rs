@@ -7,6 +7,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
@@ -106,6 +107,8 @@ pub struct Unacked {
     pub message: QueuedMessage,
     /// The consumer it went to (`None` for `basic.get`).
     pub consumer: Option<Arc<Consumer>>,
+    /// When the queue's `x-consumer-timeout` runs out for this delivery.
+    pub deadline: Option<Instant>,
 }
 
 #[derive(Debug, Default)]
@@ -130,6 +133,9 @@ pub struct ChannelShared {
     global_prefetch: AtomicU32,
     /// Set once the channel is closing: queues stop delivering to it.
     closed: AtomicBool,
+    /// Set once a delivery with an `x-consumer-timeout` deadline was recorded, so channels
+    /// on queues without one never scan their unacked messages.
+    timed: AtomicBool,
     /// The channel's consumers by tag. Queues remove entries when they cancel a consumer.
     consumers: Mutex<HashMap<String, Arc<Consumer>>>,
 }
@@ -150,6 +156,7 @@ impl ChannelShared {
             unacked_total: AtomicU32::new(0),
             global_prefetch: AtomicU32::new(0),
             closed: AtomicBool::new(false),
+            timed: AtomicBool::new(false),
             consumers: Mutex::new(HashMap::new()),
         })
     }
@@ -184,11 +191,13 @@ impl ChannelShared {
         self.out
             .deliver(&consumer.tag, tag, message.redelivered, &message.message);
         if !consumer.no_ack {
+            let deadline = self.deadline(queue);
             d.unacked.push_back(Unacked {
                 delivery_tag: tag,
                 queue: queue.clone(),
                 message,
                 consumer: Some(consumer.clone()),
+                deadline,
             });
         }
         Ok(())
@@ -208,13 +217,35 @@ impl ChannelShared {
         send(tag);
         if !no_ack {
             self.unacked_total.fetch_add(1, Ordering::AcqRel);
+            let deadline = self.deadline(queue);
             d.unacked.push_back(Unacked {
                 delivery_tag: tag,
                 queue: queue.clone(),
                 message: message.clone(),
                 consumer: None,
+                deadline,
             });
         }
+    }
+
+    /// The acknowledgement deadline of a delivery from `queue` made now, if it has one.
+    fn deadline(&self, queue: &Queue) -> Option<Instant> {
+        let ms = queue.args.consumer_timeout?;
+        self.timed.store(true, Ordering::Relaxed);
+        Some(Instant::now() + Duration::from_millis(ms))
+    }
+
+    /// The `x-consumer-timeout` (ms) of an unacknowledged delivery past its deadline at
+    /// `now`, if any: the connection then closes this channel with 406, as RabbitMQ does.
+    pub fn overdue(&self, now: Instant) -> Option<u64> {
+        if !self.timed.load(Ordering::Relaxed) {
+            return None;
+        }
+        let d = self.deliveries.lock();
+        d.unacked
+            .iter()
+            .find(|u| u.deadline.is_some_and(|t| t <= now))
+            .and_then(|u| u.queue.args.consumer_timeout)
     }
 
     /// Removes the unacked messages an ack, nack or reject names, returning their credit.

@@ -177,10 +177,20 @@ fn without_expiration(p: &AMQPProperties) -> AMQPProperties {
 }
 
 impl VHost {
-    /// Dead-letters (or drops) what expired at the head of every queue. Called by the
-    /// broker's sweeper, so TTLs act even on queues nobody reads.
+    /// Deletes queues unused past their `x-expires`, and dead-letters (or drops) what
+    /// expired at the head of every other queue. Called by the broker's sweeper, so TTLs act
+    /// even on queues nobody reads.
     pub fn sweep_expired(&self) {
+        let now = std::time::Instant::now();
         for queue in self.all_queues() {
+            if queue.unused_expired(now) {
+                // `x-expires`: an unused queue is deleted with its messages, which are not
+                // dead-lettered (RabbitMQ drops them too). Exclusive ones as their owner.
+                tracing::debug!(queue = queue.name(), vhost = %self.name, "queue expired (x-expires)");
+                let owner = queue.owner.unwrap_or_default();
+                let _ = self.delete_queue(queue.name(), owner, false, false);
+                continue;
+            }
             let expired = queue.take_expired();
             if !expired.is_empty() {
                 self.dead_letter(&queue, expired, DeathReason::Expired);

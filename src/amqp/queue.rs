@@ -53,6 +53,15 @@ pub struct QueueArgs {
     pub message_ttl: Option<u64>,
     /// `x-max-priority`: a priority queue; message priorities above it count as it.
     pub max_priority: Option<u8>,
+    /// `x-expires`: milliseconds the queue may stay unused (no consumer, no `basic.get`, no
+    /// redeclare) before it is deleted.
+    pub expires: Option<u64>,
+    /// `x-queue-type = quorum`: served as a durable classic queue (one node, no replication).
+    pub quorum: bool,
+    /// `x-consumer-timeout`: milliseconds a delivery may stay unacknowledged before the
+    /// channel holding it is closed with 406. None (the default) means never: a MOQUI step
+    /// can run for hours, and a broker-imposed timeout must not kill it.
+    pub consumer_timeout: Option<u64>,
 }
 
 /// What became of one publish to one queue.
@@ -97,6 +106,8 @@ struct QueueState {
     expired: Vec<Arc<Message>>,
     /// Auto-delete applies only to queues that have had a consumer.
     had_consumer: bool,
+    /// Last declare, `basic.get` or consumer change, for `x-expires` (set at creation).
+    last_used: Option<Instant>,
     deleted: bool,
 }
 
@@ -141,12 +152,21 @@ impl Queue {
             vhost,
             owner,
             args,
-            state: Mutex::new(QueueState::default()),
+            state: Mutex::new(QueueState {
+                last_used: Some(Instant::now()),
+                ..QueueState::default()
+            }),
         })
     }
 
     pub fn name(&self) -> &str {
         &self.spec.name
+    }
+
+    /// A direct reply-to queue (`amq.rabbitmq.reply-to.<id>`): hidden from listings, as
+    /// RabbitMQ's are, and never bound.
+    pub fn is_reply_to(&self) -> bool {
+        self.spec.name.starts_with(super::channel::REPLY_TO_PREFIX)
     }
 
     /// Checks the queue arguments the way RabbitMQ does on declare: a bad type or value
@@ -170,11 +190,27 @@ impl Queue {
             match key {
                 "x-queue-type" => match value {
                     AMQPValue::LongString(s) if s.as_bytes() == b"classic" => {}
+                    // Served as a durable classic queue; the declare checks the properties
+                    // quorum queues require and logs what is not provided.
+                    AMQPValue::LongString(s) if s.as_bytes() == b"quorum" => args.quorum = true,
+                    AMQPValue::LongString(s) if s.as_bytes() == b"stream" => {
+                        return Err(bad(
+                            key,
+                            "mqic does not serve stream queues: streams are read by offset \
+                             (x-stream-offset), which a classic queue cannot honour; declare a \
+                             classic queue"
+                                .into(),
+                        ))
+                    }
                     AMQPValue::LongString(s) => {
-                        return Err(AmqpError::precondition(format!(
-                            "invalid arg 'x-queue-type' for queue '{queue}' in vhost '{vhost}': mqic serves classic queues only, not '{}'",
-                            String::from_utf8_lossy(s.as_bytes())
-                        )))
+                        return Err(bad(
+                            key,
+                            format!(
+                                "unknown queue type '{}' (mqic serves classic, and quorum as \
+                                 a durable classic queue)",
+                                String::from_utf8_lossy(s.as_bytes())
+                            ),
+                        ))
                     }
                     other => return Err(bad(key, unacceptable(other))),
                 },
@@ -194,6 +230,16 @@ impl Queue {
                     let max = u8::try_from(n)
                         .map_err(|_| bad(key, format!("{{value_too_large,{n}}} (at most 255)")))?;
                     args.max_priority = Some(max);
+                }
+                "x-expires" => {
+                    let n = non_negative(value).map_err(|why| bad(key, why))?;
+                    if n == 0 {
+                        return Err(bad(key, "{value_zero,0}".into()));
+                    }
+                    args.expires = Some(n);
+                }
+                "x-consumer-timeout" => {
+                    args.consumer_timeout = Some(non_negative(value).map_err(|why| bad(key, why))?)
                 }
                 "x-message-ttl" => {
                     args.message_ttl = Some(non_negative(value).map_err(|why| bad(key, why))?)
@@ -381,7 +427,9 @@ impl Queue {
     /// `basic.get`: the next ready message and how many remain.
     pub fn get(self: &Arc<Self>, no_ack: bool) -> Option<(QueuedMessage, u32)> {
         let mut st = self.state.lock();
-        self.expire_head(&mut st, Instant::now());
+        let now = Instant::now();
+        st.last_used = Some(now);
+        self.expire_head(&mut st, now);
         debug_assert!(!self.args.single_active_consumer, "checked by the channel");
         let message = st.ready.pop_front()?;
         st.ready_bytes -= message.message.size();
@@ -444,6 +492,7 @@ impl Queue {
             )));
         }
         st.had_consumer = true;
+        st.last_used = Some(Instant::now());
         st.consumers.push(consumer);
         Ok(())
     }
@@ -456,11 +505,31 @@ impl Queue {
             .first()
             .is_some_and(|c| Arc::ptr_eq(c, consumer));
         st.consumers.retain(|c| !Arc::ptr_eq(c, consumer));
+        // An `x-expires` queue's unused time starts when its last consumer goes.
+        st.last_used = Some(Instant::now());
         if self.args.single_active_consumer && was_active && !st.deleted {
             // The next consumer in line takes over.
             self.dispatch_locked(&mut st);
         }
         self.spec.auto_delete && st.had_consumer && st.consumers.is_empty() && !st.deleted
+    }
+
+    /// Records a use that resets the `x-expires` clock (a redeclare).
+    pub fn touch(&self) {
+        self.state.lock().last_used = Some(Instant::now());
+    }
+
+    /// Whether an `x-expires` queue has been unused for its whole lease at `now`.
+    pub fn unused_expired(&self, now: Instant) -> bool {
+        let Some(ms) = self.args.expires else {
+            return false;
+        };
+        let st = self.state.lock();
+        !st.deleted
+            && st.consumers.is_empty()
+            && st
+                .last_used
+                .is_some_and(|t| now.saturating_duration_since(t) >= Duration::from_millis(ms))
     }
 
     /// Empties the ready list; returns how many messages were removed.

@@ -101,6 +101,9 @@ pub struct AmqpConfig {
     pub max_message_size: u64,
     pub max_connections: usize,
     pub memory_high_watermark: Watermark,
+    /// Below this much free space under the data dir, publishers are blocked.
+    #[serde(deserialize_with = "disk_free_limit")]
+    pub disk_free_limit: u64,
     pub loopback_users: Vec<String>,
     pub users: Vec<UserConfig>,
     pub tls: Option<TlsConfig>,
@@ -118,6 +121,7 @@ impl Default for AmqpConfig {
             max_message_size: 16 * 1024 * 1024,
             max_connections: 4096,
             memory_high_watermark: Watermark::Fraction(0.4),
+            disk_free_limit: 50_000_000,
             loopback_users: vec!["guest".into()],
             users: vec![UserConfig {
                 name: "guest".into(),
@@ -217,6 +221,24 @@ impl<'de> Deserialize<'de> for Watermark {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
         Watermark::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+/// `disk_free_limit`: a size in bytes, "50MB", "1GiB" or a plain integer.
+fn disk_free_limit<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Int(u64),
+        Text(String),
+    }
+    match Raw::deserialize(d)? {
+        Raw::Int(n) => Ok(n),
+        Raw::Text(s) => parse_size(s.trim()).ok_or_else(|| {
+            serde::de::Error::custom(format!(
+                "disk_free_limit '{s}' is not a size (\"50MB\", \"1GiB\" or a number of bytes)"
+            ))
+        }),
     }
 }
 
@@ -441,6 +463,22 @@ mod tests {
         assert!(Watermark::parse("120%").is_err());
         assert!(Watermark::parse("12 parsecs").is_err());
         assert_eq!(Watermark::Fraction(0.5).bytes(1000), 500);
+    }
+
+    #[test]
+    fn disk_free_limit_takes_a_size_and_names_a_bad_one() {
+        let c = Config::from_toml("[amqp]\ndisk_free_limit = \"1GiB\"\n", "c.toml").unwrap();
+        assert_eq!(c.amqp.disk_free_limit, 1 << 30);
+        let c = Config::from_toml("[amqp]\ndisk_free_limit = 4096\n", "c.toml").unwrap();
+        assert_eq!(c.amqp.disk_free_limit, 4096);
+        assert_eq!(Config::default().amqp.disk_free_limit, 50_000_000);
+        let err = Config::from_toml("[amqp]\n\ndisk_free_limit = \"lots\"\n", "c.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("line 3") && err.contains("disk_free_limit") && err.contains("'lots'"),
+            "{err}"
+        );
     }
 
     #[test]

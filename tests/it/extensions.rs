@@ -1,6 +1,7 @@
-//! RabbitMQ queue extensions, driven by real clients: `x-single-active-consumer` and
-//! `x-max-length` / `x-max-length-bytes` with the `x-overflow` modes. (Dead-lettering, TTLs
-//! and durability arrive with the rest of the durability issue.)
+//! RabbitMQ queue extensions, driven by real clients: `x-single-active-consumer`,
+//! `x-max-length` / `x-max-length-bytes` with the `x-overflow` modes, dead-lettering with
+//! `x-death`, TTLs, priorities, `x-expires`, `x-consumer-timeout`, direct reply-to and the
+//! disk alarm.
 
 use std::time::Duration;
 
@@ -904,5 +905,399 @@ async fn a_priority_queue_delivers_higher_priorities_first_and_caps_at_its_maxim
         406,
     );
     assert!(text.contains("invalid arg 'x-max-priority'"), "{text}");
+    server.stop().await;
+}
+
+// ---- x-expires, x-consumer-timeout, direct reply-to, the disk alarm -------------------------
+
+/// Whether `name` exists, by a passive declare on a throwaway channel.
+async fn exists(conn: &lapin::Connection, name: &str) -> bool {
+    let ch = conn.create_channel().await.unwrap();
+    let found = ch
+        .queue_declare(
+            name.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .is_ok();
+    if found {
+        let _ = ch.close(200, "bye".into()).await;
+    }
+    found
+}
+
+#[tokio::test]
+async fn x_expires_deletes_a_queue_once_unused_and_consumers_keep_it() {
+    let server = TestServer::start().await;
+    let conn = server.lapin().await;
+    let ch = conn.create_channel().await.unwrap();
+    let lease = || args(&[("x-expires", AMQPValue::LongInt(300))]);
+    declare(&ch, "idle", lease()).await.unwrap();
+    declare(&ch, "watched", lease()).await.unwrap();
+    ch.basic_publish(
+        "".into(),
+        "idle".into(),
+        BasicPublishOptions::default(),
+        b"lost with the queue",
+        BasicProperties::default(),
+    )
+    .await
+    .unwrap();
+    let reader = conn.create_channel().await.unwrap();
+    let _consumer = reader
+        .basic_consume(
+            "watched".into(),
+            "w".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    // The unused queue goes (publishing does not count as use); the consumed one stays.
+    let mut gone = false;
+    for _ in 0..100 {
+        if !exists(&conn, "idle").await {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(gone, "an unused x-expires queue is deleted");
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(exists(&conn, "watched").await, "a consumer keeps it");
+    // Once its last consumer goes, the lease starts again.
+    reader
+        .basic_cancel("w".into(), Default::default())
+        .await
+        .unwrap();
+    let mut gone = false;
+    for _ in 0..100 {
+        if !exists(&conn, "watched").await {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(gone, "deleted once unused again");
+    for (value, why) in [
+        (AMQPValue::LongInt(0), "{value_zero,0}"),
+        (AMQPValue::LongInt(-5), "{value_negative,-5}"),
+        (text("300"), "{unacceptable_type,longstr}"),
+    ] {
+        let ch = conn.create_channel().await.unwrap();
+        let err = expect_lapin_error(
+            "bad x-expires",
+            declare(&ch, "bad-exp", args(&[("x-expires", value)])).await,
+            406,
+        );
+        assert_eq!(
+            err,
+            format!("PRECONDITION_FAILED - invalid arg 'x-expires' for queue 'bad-exp' in vhost '/': {why}")
+        );
+    }
+    server.stop().await;
+}
+
+/// Consumes `queue` with manual acks on a raw channel 1 and reads the first delivery.
+async fn raw_consume_one(server: &TestServer, queue: &str) -> crate::support::RawClient {
+    use amq_protocol::protocol::{basic, AMQPClass};
+    let mut raw = crate::support::RawClient::connected(server.addr, 131_072).await;
+    raw.open_channel(1).await;
+    let reply = raw
+        .call(
+            1,
+            AMQPClass::Basic(basic::AMQPMethod::Consume(basic::Consume {
+                queue: queue.into(),
+                consumer_tag: "slow".into(),
+                no_local: false,
+                no_ack: false,
+                exclusive: false,
+                nowait: false,
+                arguments: FieldTable::default(),
+            })),
+        )
+        .await;
+    assert!(
+        matches!(reply, AMQPClass::Basic(basic::AMQPMethod::ConsumeOk(_))),
+        "{reply:?}"
+    );
+    let delivery = raw.content().await;
+    assert_eq!(delivery.body, b"work");
+    raw
+}
+
+#[tokio::test]
+async fn x_consumer_timeout_closes_the_channel_and_requeues_but_there_is_no_default() {
+    let server = TestServer::start().await;
+    let conn = server.lapin().await;
+    let ch = conn.create_channel().await.unwrap();
+    declare(
+        &ch,
+        "timed",
+        args(&[("x-consumer-timeout", AMQPValue::LongInt(500))]),
+    )
+    .await
+    .unwrap();
+    declare(&ch, "untimed", FieldTable::default())
+        .await
+        .unwrap();
+    for q in ["timed", "untimed"] {
+        assert!(publish_acked_on(&ch, q, b"work").await);
+    }
+    let mut slow = raw_consume_one(&server, "timed").await;
+    let text = slow.expect_channel_close(1, 406).await;
+    assert_eq!(
+        text,
+        "PRECONDITION_FAILED - delivery acknowledgement on channel 1 timed out. Timeout value used: 500 ms. This timeout value can be configured, see consumers doc guide to learn more"
+    );
+    let back = get(&ch, "timed", true).await;
+    assert!(
+        back.delivery.redelivered,
+        "the unacked delivery is requeued"
+    );
+    // Without x-consumer-timeout a delivery may stay unacked as long as the step runs.
+    let mut patient = raw_consume_one(&server, "untimed").await;
+    assert!(
+        patient
+            .next_frame_within(Duration::from_millis(2500))
+            .await
+            .is_err(),
+        "no frame (no channel.close) while a delivery is held without a timeout"
+    );
+    let ch = conn.create_channel().await.unwrap();
+    let err = expect_lapin_error(
+        "negative timeout",
+        declare(
+            &ch,
+            "bad-timeout",
+            args(&[("x-consumer-timeout", AMQPValue::LongInt(-1))]),
+        )
+        .await,
+        406,
+    );
+    assert!(err.contains("'x-consumer-timeout'"), "{err}");
+    drop((slow, patient));
+    server.stop().await;
+}
+
+async fn publish_acked_on(ch: &lapin::Channel, queue: &str, body: &[u8]) -> bool {
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    publish_acked(ch, queue, body).await
+}
+
+#[tokio::test]
+async fn direct_reply_to_routes_replies_to_the_requesting_channel() {
+    let server = TestServer::start().await;
+    let requester = server.lapin().await;
+    let responder = server.lapin().await;
+    let req = requester.create_channel().await.unwrap();
+    let resp = responder.create_channel().await.unwrap();
+    declare(&resp, "rpc", FieldTable::default()).await.unwrap();
+
+    // Publishing with reply_to = amq.rabbitmq.reply-to needs the reply consumer first.
+    let err = expect_lapin_error(
+        "no reply consumer",
+        async {
+            req.basic_publish(
+                "".into(),
+                "rpc".into(),
+                BasicPublishOptions::default(),
+                b"early",
+                BasicProperties::default().with_reply_to("amq.rabbitmq.reply-to".into()),
+            )
+            .await?;
+            req.queue_declare(
+                "rpc".into(),
+                QueueDeclareOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+        }
+        .await,
+        406,
+    );
+    assert_eq!(
+        err,
+        "PRECONDITION_FAILED - fast reply consumer does not exist"
+    );
+    let req = requester.create_channel().await.unwrap();
+    let err = expect_lapin_error(
+        "acking reply consumer",
+        req.basic_consume(
+            "amq.rabbitmq.reply-to".into(),
+            "r".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await,
+        406,
+    );
+    assert_eq!(
+        err,
+        "PRECONDITION_FAILED - reply consumer cannot acknowledge"
+    );
+
+    let req = requester.create_channel().await.unwrap();
+    let no_ack = BasicConsumeOptions {
+        no_ack: true,
+        ..Default::default()
+    };
+    let mut replies = req
+        .basic_consume(
+            "amq.rabbitmq.reply-to".into(),
+            "replies".into(),
+            no_ack,
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    req.basic_publish(
+        "".into(),
+        "rpc".into(),
+        BasicPublishOptions::default(),
+        b"question",
+        BasicProperties::default()
+            .with_reply_to("amq.rabbitmq.reply-to".into())
+            .with_correlation_id("c-1".into()),
+    )
+    .await
+    .unwrap();
+
+    let request = get(&resp, "rpc", true).await;
+    let reply_to = request
+        .delivery
+        .properties
+        .reply_to()
+        .as_ref()
+        .expect("reply_to kept")
+        .to_string();
+    assert!(
+        reply_to.starts_with("amq.rabbitmq.reply-to.") && reply_to.len() > 22,
+        "rewritten to a name of its own: {reply_to}"
+    );
+    // A responder may check the requester is there; binding the name is refused.
+    assert!(exists(&responder, &reply_to).await);
+    let ch = responder.create_channel().await.unwrap();
+    let err = expect_lapin_error(
+        "bind reply queue",
+        ch.queue_bind(
+            reply_to.as_str().into(),
+            "amq.direct".into(),
+            "k".into(),
+            Default::default(),
+            FieldTable::default(),
+        )
+        .await,
+        403,
+    );
+    assert!(err.contains("direct reply-to"), "{err}");
+
+    resp.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let confirm = resp
+        .basic_publish(
+            "".into(),
+            reply_to.as_str().into(),
+            BasicPublishOptions {
+                mandatory: true,
+                ..Default::default()
+            },
+            b"answer",
+            BasicProperties::default().with_correlation_id("c-1".into()),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert_eq!(confirm, lapin::Confirmation::Ack(None));
+    let reply = tokio::time::timeout(Duration::from_secs(10), replies.next())
+        .await
+        .expect("the reply arrives")
+        .unwrap()
+        .unwrap();
+    assert_eq!(reply.data, b"answer");
+    assert_eq!(reply.routing_key.as_str(), reply_to);
+
+    // One reply consumer per channel.
+    let err = expect_lapin_error(
+        "second reply consumer",
+        req.basic_consume(
+            "amq.rabbitmq.reply-to".into(),
+            "again".into(),
+            no_ack,
+            FieldTable::default(),
+        )
+        .await,
+        406,
+    );
+    assert_eq!(err, "PRECONDITION_FAILED - reply consumer already set");
+
+    // After the requester has gone, a mandatory reply still counts as routed (no return).
+    requester.close(200, "bye".into()).await.unwrap();
+    let mut gone = false;
+    for _ in 0..100 {
+        if !exists(&responder, &reply_to).await {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(gone, "the reply queue goes with its requester");
+    let confirm = resp
+        .basic_publish(
+            "".into(),
+            reply_to.as_str().into(),
+            BasicPublishOptions {
+                mandatory: true,
+                ..Default::default()
+            },
+            b"late",
+            BasicProperties::default(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert_eq!(confirm, lapin::Confirmation::Ack(None), "no basic.return");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn low_disk_space_blocks_publishers_until_it_clears() {
+    let server = TestServer::start().await;
+    let conn = server.lapin().await;
+    let mut events = conn.events_listener();
+    server.app.disk.set_limit(u64::MAX);
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), events.next())
+            .await
+            .expect("connection.blocked within 10 s")
+            .unwrap()
+        {
+            lapin::Event::ConnectionBlocked(reason) => {
+                assert_eq!(reason, "low on disk");
+                break;
+            }
+            _ => continue,
+        }
+    }
+    server.app.disk.set_limit(0);
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), events.next())
+            .await
+            .expect("connection.unblocked within 10 s")
+            .unwrap()
+        {
+            lapin::Event::ConnectionUnblocked => break,
+            _ => continue,
+        }
+    }
     server.stop().await;
 }

@@ -1593,27 +1593,90 @@ async fn auto_delete_queue_goes_with_its_last_consumer() {
     server.stop().await;
 }
 
-/// Scenario 15. `x-queue-type` classic is accepted; quorum and stream are refused with a 406
-/// that says why.
+/// Scenario 15. `x-queue-type`: classic is accepted; quorum is served as a durable classic
+/// queue, refused with RabbitMQ's own 406 for properties a quorum queue cannot have; stream
+/// and unknown types are refused with a 406 that says why.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn queue_type_classic_only() {
+async fn queue_types_are_served_honestly() {
     let server = TestServer::start().await;
     let conn = server.lapin().await;
     let ch = channel(&conn).await;
-    let classic = table(&[("x-queue-type", longstr("classic"))]);
-    for _ in 0..2 {
-        ch.queue_declare(
-            "classic-q".into(),
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    for kind in ["classic", "quorum"] {
+        for _ in 0..2 {
+            ch.queue_declare(
+                format!("{kind}-q").as_str().into(),
+                durable,
+                table(&[("x-queue-type", longstr(kind))]),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("x-queue-type {kind} is accepted: {e}"));
+        }
+    }
+    // A quorum queue works like any other queue.
+    publish(&ch, "", "quorum-q", "q1").await;
+    assert_eq!(drain(&ch, "quorum-q").await, ["q1"]);
+    // Redeclaring with another type is inequivalent, as in RabbitMQ.
+    let text = expect_lapin_error(
+        "quorum as classic",
+        channel(&conn)
+            .await
+            .queue_declare(
+                "quorum-q".into(),
+                durable,
+                table(&[("x-queue-type", longstr("classic"))]),
+            )
+            .await,
+        PRECONDITION_FAILED,
+    );
+    assert!(text.contains("inequivalent arg 'x-queue-type'"), "{text}");
+    // Properties a quorum queue cannot have.
+    for (options, property) in [
+        (QueueDeclareOptions::default(), "non-durable"),
+        (
             QueueDeclareOptions {
                 durable: true,
+                exclusive: true,
                 ..Default::default()
             },
-            classic.clone(),
-        )
-        .await
-        .expect("x-queue-type classic is accepted");
+            "exclusive-owner",
+        ),
+        (
+            QueueDeclareOptions {
+                durable: true,
+                auto_delete: true,
+                ..Default::default()
+            },
+            "auto-delete",
+        ),
+    ] {
+        let text = expect_lapin_error(
+            property,
+            channel(&conn)
+                .await
+                .queue_declare(
+                    "bad-quorum".into(),
+                    options,
+                    table(&[("x-queue-type", longstr("quorum"))]),
+                )
+                .await,
+            PRECONDITION_FAILED,
+        );
+        assert_eq!(
+            text,
+            format!(
+                "PRECONDITION_FAILED - invalid property '{property}' for queue 'bad-quorum' in vhost '/'"
+            )
+        );
+        assert!(!queue_exists(&conn, "bad-quorum").await);
     }
-    for kind in ["quorum", "stream"] {
+    for (kind, why) in [
+        ("stream", "does not serve stream queues"),
+        ("fancy", "unknown queue type 'fancy'"),
+    ] {
         let name = format!("{kind}-q");
         let text = expect_lapin_error(
             kind,
@@ -1621,18 +1684,19 @@ async fn queue_type_classic_only() {
                 .await
                 .queue_declare(
                     name.as_str().into(),
-                    QueueDeclareOptions {
-                        durable: true,
-                        ..Default::default()
-                    },
+                    durable,
                     table(&[("x-queue-type", longstr(kind))]),
                 )
                 .await,
             PRECONDITION_FAILED,
         );
-        assert!(text.starts_with("PRECONDITION_FAILED - "), "{text}");
-        assert!(text.contains("x-queue-type"), "{text}");
-        assert!(text.contains(kind), "{text}");
+        assert!(
+            text.starts_with(&format!(
+                "PRECONDITION_FAILED - invalid arg 'x-queue-type' for queue '{name}' in vhost '/': "
+            )),
+            "{text}"
+        );
+        assert!(text.contains(why), "{text}");
         assert!(text.contains("classic"), "says what is served: {text}");
         assert!(!queue_exists(&conn, &name).await);
     }

@@ -30,6 +30,8 @@ use super::reply::{AmqpError, ReplyCode, Scope};
 
 /// How long we wait for `close-ok` after sending `connection.close`.
 const CLOSE_OK_TIMEOUT: Duration = Duration::from_secs(3);
+/// How often channels are checked for deliveries past their queue's `x-consumer-timeout`.
+const ACK_TIMEOUT_CHECK: Duration = Duration::from_secs(1);
 
 /// Why a connection ended, for the log.
 #[derive(Debug, thiserror::Error)]
@@ -214,7 +216,7 @@ impl Connection {
         heartbeat: u16,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<(), ConnectionEnd> {
-        let mut alarm = self.broker.memory_alarm();
+        let mut alarm = self.broker.alarms();
         let mut blocked = false;
         let beat = if heartbeat == 0 {
             Duration::from_secs(3600 * 24)
@@ -224,9 +226,12 @@ impl Connection {
         let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + beat, beat);
         let mut last_read = Instant::now();
         let mut close_deadline: Option<tokio::time::Instant> = None;
-        if *alarm.borrow_and_update() {
+        let mut ack_check = tokio::time::interval(ACK_TIMEOUT_CHECK);
+        ack_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let alarms = *alarm.borrow_and_update();
+        if alarms.any() {
             blocked = true;
-            self.send_blocked(true);
+            self.send_blocked(Some(alarms.reason()));
         }
         // Frames that arrived with the handshake's last read.
         if !rbuf.is_empty() {
@@ -275,13 +280,14 @@ impl Connection {
                 }
                 changed = alarm.changed() => {
                     if changed.is_ok() {
-                        let on = *alarm.borrow_and_update();
-                        if on != blocked {
-                            blocked = on;
-                            self.send_blocked(on);
+                        let alarms = *alarm.borrow_and_update();
+                        if alarms.any() != blocked {
+                            blocked = alarms.any();
+                            self.send_blocked(blocked.then(|| alarms.reason()));
                         }
                     }
                 }
+                _ = ack_check.tick(), if self.closing.is_none() => self.close_overdue_channels(),
                 _ = sleep_until(close_deadline) => {
                     return Err(ConnectionEnd::Error(self.closing.clone().unwrap_or_else(|| AmqpError::new(ReplyCode::ConnectionForced, "close-ok not received"))));
                 }
@@ -292,13 +298,14 @@ impl Connection {
         }
     }
 
-    fn send_blocked(&self, on: bool) {
+    /// Sends `connection.blocked` with the reason, or `connection.unblocked` for `None`.
+    fn send_blocked(&self, reason: Option<&str>) {
         if !self.caps.connection_blocked {
             return;
         }
-        let method = if on {
+        let method = if let Some(reason) = reason {
             conn::AMQPMethod::Blocked(conn::Blocked {
-                reason: "low on memory".into(),
+                reason: reason.into(),
             })
         } else {
             conn::AMQPMethod::Unblocked(conn::Unblocked {})
@@ -537,6 +544,34 @@ impl Connection {
                     Err(e) => Err(e),
                 }
             }
+        }
+    }
+
+    /// Closes, with RabbitMQ's 406, every channel holding a delivery past its queue's
+    /// `x-consumer-timeout`; its unacknowledged messages go back to their queues.
+    fn close_overdue_channels(&mut self) {
+        let now = Instant::now();
+        let overdue: Vec<(u16, u64)> = self
+            .channels
+            .iter()
+            .filter_map(|(id, slot)| match slot {
+                Slot::Open(c) => c.channel.shared.overdue(now).map(|ms| (*id, ms)),
+                Slot::Closing => None,
+            })
+            .collect();
+        for (id, ms) in overdue {
+            tracing::warn!(
+                connection = self.session.connection,
+                channel = id,
+                timeout_ms = ms,
+                "consumer acknowledgement timed out (x-consumer-timeout): closing the channel"
+            );
+            self.close_channel(
+                id,
+                AmqpError::precondition(format!(
+                    "delivery acknowledgement on channel {id} timed out. Timeout value used: {ms} ms. This timeout value can be configured, see consumers doc guide to learn more"
+                )),
+            );
         }
     }
 
