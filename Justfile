@@ -19,3 +19,21 @@ bench:
 # Codec micro-benchmark: hand-written hot path against amq-protocol.
 bench-codec:
     cargo bench --bench codec
+
+# Release artefacts in target/dist/ (.ci/package installs zig, cargo-zigbuild, cargo-deb and
+# cargo-generate-rpm when missing): the portable binary (glibc >= 2.17) and its tarball.
+dist:
+    bash .ci/package dist
+
+# dist, then the .deb (mqic_<version>-1_amd64.deb).
+deb:
+    bash .ci/package deb
+
+# dist, then the .rpm (gzip payload, systemd scriptlets).
+rpm:
+    bash .ci/package rpm
+
+# Everything above, then the install tests (root on Debian: installs, upgrades and purges the
+# mqic package on this machine). CI runs this from .ci/run.
+package-test:
+    bash .ci/package test
