@@ -20,20 +20,19 @@ bench:
 bench-codec:
     cargo bench --bench codec
 
-# Release artefacts in target/dist/ (.ci/package installs zig, cargo-zigbuild, cargo-deb and
-# cargo-generate-rpm when missing): the portable binary (glibc >= 2.17) and its tarball.
+
+# Portable binary (glibc >= 2.17) and tarball in target/dist/ (.ci/package installs missing tools).
 dist:
     bash .ci/package dist
 
-# dist, then the .deb (mqic_<version>-1_amd64.deb).
+# dist, then target/dist/mqic_<version>-1_amd64.deb.
 deb:
     bash .ci/package deb
 
-# dist, then the .rpm (gzip payload, systemd scriptlets).
+# dist, then target/dist/mqic-<version>-1.x86_64.rpm (gzip payload, systemd scriptlets).
 rpm:
     bash .ci/package rpm
 
-# Everything above, then the install tests (root on Debian: installs, upgrades and purges the
-# mqic package on this machine). CI runs this from .ci/run.
+# All artefacts, then the install tests (root on Debian: installs, upgrades, purges mqic here).
 package-test:
     bash .ci/package test

@@ -7,4 +7,8 @@ if [ -d /run/systemd/system ]; then
         systemctl try-restart mqic.service >/dev/null 2>&1 || :
     fi
 fi
+# The package does not own /etc/mqic; an empty one goes with it (a kept .rpmsave stays).
+if [ "$1" -eq 0 ]; then
+    rmdir /etc/mqic 2>/dev/null || :
+fi
 exit 0
