@@ -13,6 +13,8 @@
 //! - [`conductor`]: the case state machine and its driver.
 //! - [`workers`]: scanner, executor, transfer, archiver.
 //! - [`hpc`]: where steps run (the local backend).
+//! - [`gpu`]: GPU monitoring (NVML, `nvidia-smi` by column header) and the lease rule that
+//!   keeps missing, failed, full or occupied GPUs from being leased.
 //! - [`logbus`]: log lines on the `mqic.logs` exchange, by severity.
 //! - [`pipeline`]: wiring: store, recovery, bus, and every worker task.
 //! - [`demo`]: synthetic cases, MOQUI and interpreter stand-ins, the demo's progress view.
@@ -24,6 +26,7 @@ pub mod cli;
 pub mod conductor;
 pub mod config;
 pub mod demo;
+pub mod gpu;
 pub mod hpc;
 pub mod logbus;
 pub mod memory;

@@ -72,20 +72,25 @@ impl Conductor {
                     })
                 })
                 .collect();
-            for existing in tx.gpus()? {
+            let known = tx.gpus()?;
+            for existing in &known {
                 if !configured.contains(&existing.gpu) && existing.usable {
                     tx.put_gpu(&GpuRecord {
                         usable: false,
-                        ..existing
+                        ..existing.clone()
                     })?;
                 }
             }
+            // What the curator saw survives a restart: a stale state keeps the GPU from
+            // being leased until the first new sample, instead of trusting it blindly.
             for gpu in &configured {
+                let seen = known.iter().find(|g| &g.gpu == gpu);
                 tx.put_gpu(&GpuRecord {
                     gpu: gpu.clone(),
                     usable: true,
-                    name: String::new(),
-                    last_seen_ms: now,
+                    name: seen.map(|g| g.name.clone()).unwrap_or_default(),
+                    last_seen_ms: seen.map(|g| g.last_seen_ms).unwrap_or(0),
+                    state: seen.and_then(|g| g.state.clone()),
                 })?;
             }
             reclaim_orphan_leases(tx)?;
