@@ -11,7 +11,7 @@
 //! - [`bus`]: the `Bus` the workflow talks through (embedded broker or a remote one).
 //! - [`store`]: `mqic.redb`: cases, history, GPU leases, the outbox, events, archives.
 //! - [`conductor`]: the case state machine and its driver.
-//! - [`workers`]: scanner, executor, transfer, archiver.
+//! - [`workers`]: scanner, executor, transfer, archiver, curator (GPU monitoring).
 //! - [`hpc`]: where steps run (the local backend).
 //! - [`gpu`]: GPU monitoring (NVML, `nvidia-smi` by column header) and the lease rule that
 //!   keeps missing, failed, full or occupied GPUs from being leased.

@@ -60,6 +60,19 @@ impl std::fmt::Display for Refusal {
 }
 
 impl LeasePolicy {
+    /// The policy a configuration sets: monitoring counts when the curator runs.
+    pub fn from_config(config: &crate::config::Config) -> LeasePolicy {
+        LeasePolicy {
+            monitored: config.workers.curator,
+            stale_after_ms: config.curator.stale_after_ms(),
+            min_free_mib: config
+                .hosts
+                .iter()
+                .map(|h| (h.name.clone(), h.min_free_memory_mib))
+                .collect(),
+        }
+    }
+
     /// Why `gpu` may not be leased at `now_ms`, or `None` when it may (leases are checked
     /// by the caller).
     pub fn refusal(&self, gpu: &GpuRecord, now_ms: u64) -> Option<Refusal> {
