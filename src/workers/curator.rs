@@ -173,8 +173,8 @@ impl Curator {
     }
 
     /// Logs a host's condition when it changes: unavailable once, an error once per
-    /// distinct message, and the return to normal.
-    fn report(&self, host: &str, gpus: &[u32], outcome: &Result<HostReading, SampleError>) {
+    /// distinct message, and the return to normal. Returns whether it logged.
+    fn report(&self, host: &str, gpus: &[u32], outcome: &Result<HostReading, SampleError>) -> bool {
         let mut reported = self.reported.lock();
         let now = match outcome {
             Ok(_) => None,
@@ -182,7 +182,7 @@ impl Curator {
         };
         let before = reported.get(host).cloned();
         if before == now {
-            return;
+            return false;
         }
         match (&now, outcome) {
             (Some(_), Err(SampleError::Unavailable(why))) => tracing::warn!(
@@ -199,6 +199,7 @@ impl Curator {
             Some(n) => reported.insert(host.to_string(), n),
             None => reported.remove(host),
         };
+        true
     }
 
     /// Whether the schedule should publish another `system_monitor`: not while one is
@@ -674,6 +675,40 @@ mod tests {
         let g = store.gpus().unwrap().remove(0);
         assert!(g.state.is_none());
         assert!(g.usable);
+    }
+
+    #[test]
+    fn conditions_are_logged_once_and_turns_do_not_pile_up() {
+        let (_d, store) = open();
+        let c = Curator::new(
+            store,
+            CuratorConfig::default(),
+            policy(),
+            Vec::new(),
+            Arc::new(Notify::new()),
+        );
+        let unavailable = Err(SampleError::Unavailable("no nvidia-smi".into()));
+        let failed = |m: &str| Err(SampleError::Failed(m.into()));
+        assert!(c.report("local", &[0], &unavailable));
+        for _ in 0..5 {
+            assert!(
+                !c.report("local", &[0], &unavailable),
+                "unavailable is said once"
+            );
+        }
+        assert!(c.report("gpu1", &[0], &failed("timed out")), "per host");
+        assert!(!c.report("gpu1", &[0], &failed("timed out")));
+        assert!(
+            c.report("gpu1", &[0], &failed("exit 9")),
+            "a new error is said"
+        );
+        assert!(c.report("gpu1", &[0], &Ok(reading())), "and the recovery");
+        assert!(!c.report("gpu1", &[0], &Ok(reading())));
+
+        assert!(c.take_turn());
+        assert!(!c.take_turn(), "one system_monitor waits at a time");
+        c.consumed();
+        assert!(c.take_turn());
     }
 
     #[test]

@@ -172,7 +172,7 @@ async fn wait_for(
     }
 }
 
-fn gpu<'a>(gpus: &'a Value, index: u64) -> &'a Value {
+fn gpu(gpus: &Value, index: u64) -> &Value {
     gpus.as_array()
         .and_then(|a| a.iter().find(|g| g["index"] == index))
         .unwrap_or(&Value::Null)
