@@ -122,7 +122,12 @@ pub async fn sample_local(
             Err(e) => return Err(SampleError::Failed(format!("NVML task failed: {e}"))),
         }
     }
-    sample_smi(runner, program, timeout).await
+    match sample_smi(runner, program, timeout).await {
+        Err(SampleError::Unavailable(why)) if use_nvml => Err(SampleError::Unavailable(format!(
+            "no loadable libnvidia-ml.so.1 and {why}"
+        ))),
+        other => other,
+    }
 }
 
 /// The first non-empty line of `a`, else of `b`, at most 200 characters: enough to say what

@@ -317,8 +317,9 @@ async fn the_curator_samples_a_fake_nvidia_smi_and_the_conductor_leases_accordin
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_any_gpu_monitoring_configured_gpus_are_leased_as_before() {
-    // No NVML (nvml = false) and an nvidia-smi that does not exist: the demo's situation.
+    // The curator runs, but there is no NVML (nvml = false) and no nvidia-smi: CI's case.
     let server = crate::workflow::start(|c| {
+        c.workers.curator = true;
         c.curator.nvml = false;
         c.curator.nvidia_smi = "mqic-test-no-such-nvidia-smi".into();
         c.curator.interval_ms = 100;
