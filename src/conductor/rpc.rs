@@ -65,6 +65,10 @@ pub fn answer(conductor: &Conductor, method: Method, payload: &Value) -> Result<
                 "total_cases": cases.len(),
                 "archived_cases": store.archived_count().map_err(e)?,
                 "gpus": gpus.iter().filter(|g| g.usable).count(),
+                "gpus_passing_checks": gpus
+                    .iter()
+                    .filter(|g| conductor.plan.gpu_policy.refusal(g, now).is_none())
+                    .count(),
                 "gpus_leased": store.leases().map_err(e)?.len(),
                 "workers_alive": workers.iter().filter(|w| w.alive(now)).count(),
                 "outbox": store.outbox_len().map_err(e)?,

@@ -82,9 +82,17 @@ pub fn sample() -> Result<HostReading, SampleError> {
             memory_total_mib: memory.as_ref().map(|m| m.total / MIB),
             temperature_c: device.temperature(TemperatureSensor::Gpu).ok(),
         });
-        let processes = device
-            .running_compute_processes()
-            .map_err(|e| SampleError::Failed(format!("NVML processes of GPU {index}: {e}")))?;
+        // A GPU that cannot list its processes shows none, as nvidia-smi does; any other
+        // failure fails the sample (and the host's GPUs are not leased).
+        let processes = match device.running_compute_processes() {
+            Ok(p) => p,
+            Err(NvmlError::NotSupported) => Vec::new(),
+            Err(e) => {
+                return Err(SampleError::Failed(format!(
+                    "NVML processes of GPU {index}: {e}"
+                )))
+            }
+        };
         for p in processes {
             out.processes.push(ProcessReading {
                 gpu_uuid: uuid.clone(),

@@ -235,6 +235,9 @@ async fn the_curator_samples_a_fake_nvidia_smi_and_the_conductor_leases_accordin
     assert_eq!(g1["leasable"], false);
     assert_eq!(g1["not_leasable_because"], "1559 MiB free, 2000 MiB needed");
     assert_eq!(gpu(&gpus, 2)["leasable"], true);
+    let status = rpc.call("get_status", json!({})).await["payload"].clone();
+    assert_eq!(status["gpus"], 3);
+    assert_eq!(status["gpus_passing_checks"], 1);
 
     // A case skips the occupied GPU 0 and the full GPU 1 and runs on GPU 2.
     let scan = dir.join("data").join("cases");
