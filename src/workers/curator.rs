@@ -108,53 +108,75 @@ impl Curator {
         Duration::from_millis(self.config.timeout_ms)
     }
 
-    /// Samples every host (or only `only`) and records the result. Returns a summary per
-    /// host sampled.
+    /// Samples every host (or only `only`) at once, each with its own timeout, so a slow
+    /// or unreachable host never delays the others; records each host as it answers.
+    /// Returns a summary per host sampled, in configuration order.
     pub async fn sample_all(self: &Arc<Self>, only: Option<&str>) -> Vec<(String, HostSummary)> {
-        let mut out = Vec::new();
-        for probe in self
-            .hosts
-            .iter()
-            .filter(|p| only.is_none_or(|h| h == p.host))
-        {
-            let outcome = self.sample_host(probe).await;
-            self.report(&probe.host, &probe.gpus, &outcome);
-            let table = match &outcome {
-                Ok(reading) if !reading.processes.is_empty() => {
-                    procs::read_table(probe.runner.as_ref(), self.timeout()).await
-                }
-                _ => ProcTable::new(),
-            };
-            let me = self.clone();
-            let host = probe.host.clone();
-            let gpus = probe.gpus.clone();
-            let result = tokio::task::spawn_blocking(move || {
-                me.store.write(|tx| {
-                    record(
-                        tx,
-                        &host,
-                        &gpus,
-                        &outcome,
-                        &table,
-                        &me.policy,
-                        me.config.history_len,
-                        now_ms(),
-                    )
-                })
-            })
-            .await;
-            match result {
-                Ok(Ok((summary, freed))) => {
-                    if freed {
-                        self.gpu_freed.notify_one();
-                    }
-                    out.push((probe.host.clone(), summary));
-                }
-                Ok(Err(e)) => tracing::error!(host = %probe.host, "cannot record GPU state: {e}"),
-                Err(e) => tracing::error!(host = %probe.host, "GPU state task failed: {e}"),
+        let mut set = tokio::task::JoinSet::new();
+        for (i, probe) in self.hosts.iter().enumerate() {
+            if only.is_none_or(|h| h == probe.host) {
+                let me = self.clone();
+                set.spawn(async move { (i, me.sample_one(i).await) });
             }
         }
-        out
+        let mut out = Vec::new();
+        while let Some(done) = set.join_next().await {
+            match done {
+                Ok((i, Some(summary))) => out.push((i, summary)),
+                Ok((_, None)) => {}
+                Err(e) => tracing::error!("GPU sampling task failed: {e}"),
+            }
+        }
+        out.sort_by_key(|(i, _)| *i);
+        out.into_iter()
+            .map(|(i, summary)| (self.hosts[i].host.clone(), summary))
+            .collect()
+    }
+
+    /// Samples host `i` and records what it saw; `None` when the store write failed.
+    async fn sample_one(self: Arc<Self>, i: usize) -> Option<HostSummary> {
+        let probe = &self.hosts[i];
+        let outcome = self.sample_host(probe).await;
+        self.report(&probe.host, &probe.gpus, &outcome);
+        let table = match &outcome {
+            Ok(reading) if !reading.processes.is_empty() => {
+                procs::read_table(probe.runner.as_ref(), self.timeout()).await
+            }
+            _ => ProcTable::new(),
+        };
+        let me = self.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            let probe = &me.hosts[i];
+            me.store.write(|tx| {
+                record(
+                    tx,
+                    &probe.host,
+                    &probe.gpus,
+                    &outcome,
+                    &table,
+                    &me.policy,
+                    me.config.history_len,
+                    now_ms(),
+                )
+            })
+        })
+        .await;
+        match result {
+            Ok(Ok((summary, freed))) => {
+                if freed {
+                    self.gpu_freed.notify_one();
+                }
+                Some(summary)
+            }
+            Ok(Err(e)) => {
+                tracing::error!(host = %probe.host, "cannot record GPU state: {e}");
+                None
+            }
+            Err(e) => {
+                tracing::error!(host = %probe.host, "GPU state task failed: {e}");
+                None
+            }
+        }
     }
 
     async fn sample_host(&self, probe: &HostProbe) -> Result<HostReading, SampleError> {
@@ -709,6 +731,102 @@ mod tests {
         assert!(!c.take_turn(), "one system_monitor waits at a time");
         c.consumed();
         assert!(c.take_turn());
+    }
+
+    /// A host reached through the [`CommandRunner`] seam, answering each nvidia-smi query
+    /// from canned text (`None`: the host is unreachable).
+    struct FakeHost(&'static str, Option<(&'static str, &'static str)>);
+
+    impl CommandRunner for FakeHost {
+        fn host(&self) -> &str {
+            self.0
+        }
+        fn run<'a>(
+            &'a self,
+            argv: &'a [String],
+            _timeout: Duration,
+        ) -> crate::gpu::runner::BoxFuture<'a, Result<gpu::CommandOutput, gpu::RunError>> {
+            let answer = match self.1 {
+                None => Err(gpu::RunError::Failed(format!("{} is unreachable", self.0))),
+                Some((gpus, apps)) => Ok(gpu::CommandOutput {
+                    code: Some(0),
+                    stdout: if argv[1].starts_with("--query-gpu") {
+                        gpus
+                    } else {
+                        apps
+                    }
+                    .into(),
+                    stderr: String::new(),
+                }),
+            };
+            Box::pin(async move { answer })
+        }
+    }
+
+    #[tokio::test]
+    async fn every_host_is_sampled_through_its_runner_and_recorded() {
+        let (_d, store) = open();
+        let probe = |host: &'static str, answer| HostProbe {
+            host: host.into(),
+            gpus: vec![0, 1],
+            local: false,
+            runner: Arc::new(FakeHost(host, answer)),
+        };
+        let curator = Arc::new(Curator::new(
+            store.clone(),
+            CuratorConfig::default(),
+            policy(),
+            vec![
+                probe(
+                    "gpu1",
+                    Some((
+                        "index, uuid, memory.used [MiB], memory.total [MiB]\n0, GPU-a, 1 MiB, 81559 MiB\n",
+                        "gpu_uuid, pid, process_name, used_gpu_memory [MiB]\n",
+                    )),
+                ),
+                probe("gpu2", None),
+            ],
+            Arc::new(Notify::new()),
+        ));
+        let summaries = curator.sample_all(None).await;
+        assert_eq!(
+            summaries,
+            [
+                (
+                    "gpu1".to_string(),
+                    HostSummary {
+                        ok: 1,
+                        missing: 1,
+                        ..Default::default()
+                    }
+                ),
+                (
+                    "gpu2".to_string(),
+                    HostSummary {
+                        error: 2,
+                        ..Default::default()
+                    }
+                ),
+            ]
+        );
+        let gpus = store.gpus().unwrap();
+        let health = |host: &str, index: u32| {
+            gpus.iter()
+                .find(|g| g.gpu.host == host && g.gpu.index == index)
+                .and_then(|g| g.state.as_ref())
+                .map(|s| (s.health, s.error.clone()))
+        };
+        assert_eq!(health("gpu1", 0), Some((GpuHealth::Ok, None)));
+        assert_eq!(health("gpu1", 1), Some((GpuHealth::Missing, None)));
+        assert_eq!(
+            health("gpu2", 0),
+            Some((GpuHealth::Error, Some("gpu2 is unreachable".into())))
+        );
+        assert_eq!(
+            curator.sample_all(Some("gpu2")).await.len(),
+            1,
+            "one host on request"
+        );
     }
 
     #[test]
