@@ -12,8 +12,10 @@
 //! - [`bus`]: the `Bus` the workflow talks through (embedded broker or a remote one).
 //! - [`store`]: `mqic.redb`: cases, history, GPU leases, the outbox, events, archives.
 //! - [`conductor`]: the case state machine and its driver.
-//! - [`workers`]: scanner, executor, transfer, archiver.
+//! - [`workers`]: scanner, executor, transfer, archiver, curator (GPU monitoring).
 //! - [`hpc`]: where steps run (the local backend).
+//! - [`gpu`]: GPU monitoring (NVML, `nvidia-smi` by column header) and the lease rule that
+//!   keeps missing, failed, full or occupied GPUs from being leased.
 //! - [`logbus`]: log lines on the `mqic.logs` exchange, by severity.
 //! - [`pipeline`]: wiring: store, recovery, bus, and every worker task.
 //! - [`demo`]: synthetic cases, MOQUI and interpreter stand-ins, the demo's progress view.
@@ -26,6 +28,7 @@ pub mod conductor;
 pub mod config;
 pub mod demo;
 pub mod disk;
+pub mod gpu;
 pub mod hpc;
 pub mod logbus;
 pub mod memory;

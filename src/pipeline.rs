@@ -20,6 +20,7 @@ use crate::protocol::topology::{topology, CONDUCTOR_QUEUE};
 use crate::protocol::{self, Command, NewCase, WorkerHeartbeat};
 use crate::store::Store;
 use crate::workers::archiver::{self, Archiver};
+use crate::workers::curator::{self, Curator, HostProbe};
 use crate::workers::scanner::{self, CaseSink};
 use crate::workers::transfer::{self, TransferWorker};
 use crate::workers::{executor, Shutdown, WorkerStatus};
@@ -172,6 +173,24 @@ pub async fn start(
         status("scanner"),
         shutdown.clone(),
     ));
+    if config.workers.curator {
+        let curator = Arc::new(Curator::new(
+            store.clone(),
+            config.curator.clone(),
+            conductor.plan.gpu_policy.clone(),
+            HostProbe::from_config(config),
+            conductor.gpu_freed.clone(),
+        ));
+        tasks.spawn(curator::run(
+            bus.clone(),
+            curator.clone(),
+            status("curator"),
+            shutdown.clone(),
+        ));
+        tasks.spawn(curator::schedule(bus.clone(), curator, shutdown.clone()));
+    } else if config.hosts.iter().any(|h| !h.gpus.is_empty()) {
+        tracing::info!("the curator is off: GPUs from [[hosts]] are leased without checks");
+    }
     let archiver = Arc::new(Archiver::new(
         store,
         config.archiver.clone(),

@@ -72,20 +72,25 @@ impl Conductor {
                     })
                 })
                 .collect();
-            for existing in tx.gpus()? {
+            let known = tx.gpus()?;
+            for existing in &known {
                 if !configured.contains(&existing.gpu) && existing.usable {
                     tx.put_gpu(&GpuRecord {
                         usable: false,
-                        ..existing
+                        ..existing.clone()
                     })?;
                 }
             }
+            // What the curator saw survives a restart: a stale state keeps the GPU from
+            // being leased until the first new sample, instead of trusting it blindly.
             for gpu in &configured {
+                let seen = known.iter().find(|g| &g.gpu == gpu);
                 tx.put_gpu(&GpuRecord {
                     gpu: gpu.clone(),
                     usable: true,
-                    name: String::new(),
-                    last_seen_ms: now,
+                    name: seen.map(|g| g.name.clone()).unwrap_or_default(),
+                    last_seen_ms: seen.map(|g| g.last_seen_ms).unwrap_or(0),
+                    state: seen.and_then(|g| g.state.clone()),
                 })?;
             }
             reclaim_orphan_leases(tx)?;
@@ -221,7 +226,7 @@ impl Conductor {
         let ctx = Ctx {
             now_ms: now,
             jitter: rand::rng().random::<f64>(),
-            free_gpu: self.free_gpu(tx, &case)?,
+            free_gpu: self.free_gpu(tx, &case, now)?,
         };
         let decision = match decide(&case, input, &self.plan, &ctx) {
             Ok(d) => d,
@@ -291,7 +296,7 @@ impl Conductor {
     }
 
     /// A usable, unleased GPU on the host of the case's current step, if that step needs one.
-    fn free_gpu(&self, tx: &Tx<'_>, case: &CaseRecord) -> StoreResult<Option<GpuKey>> {
+    fn free_gpu(&self, tx: &Tx<'_>, case: &CaseRecord, now: u64) -> StoreResult<Option<GpuKey>> {
         let Some(workflow) = self.plan.workflow(&case.workflow) else {
             return Ok(None);
         };
@@ -310,14 +315,28 @@ impl Conductor {
             return Ok(None);
         };
         let leased: Vec<GpuKey> = tx.leases()?.into_iter().map(|l| l.gpu).collect();
-        let mut gpus: Vec<GpuKey> = tx
-            .gpus()?
+        let gpus = self.leasable(tx.gpus()?, &leased, now);
+        Ok(gpus.into_iter().find(|g| g.host == def.config.host))
+    }
+
+    /// The GPUs that may be leased now, in order: configured, not leased, and passing the
+    /// lease rule (seen in the last sample, not in error, no process on it, enough free
+    /// memory; without monitoring data, as configured).
+    fn leasable(&self, gpus: Vec<GpuRecord>, leased: &[GpuKey], now: u64) -> Vec<GpuKey> {
+        let mut out: Vec<GpuKey> = gpus
             .into_iter()
-            .filter(|g| g.usable && g.gpu.host == def.config.host && !leased.contains(&g.gpu))
+            .filter(|g| !leased.contains(&g.gpu))
+            .filter(|g| match self.plan.gpu_policy.refusal(g, now) {
+                None => true,
+                Some(why) => {
+                    tracing::trace!(gpu = %g.gpu, "not leasable: {why}");
+                    false
+                }
+            })
             .map(|g| g.gpu)
             .collect();
-        gpus.sort();
-        Ok(gpus.into_iter().next())
+        out.sort();
+        out
     }
 
     /// Ticks every unfinished case that may have something due; returns how many changed.
@@ -326,15 +345,8 @@ impl Conductor {
         let mut cases = self.store.cases()?;
         // Longest-waiting first, so a free GPU goes to the case that has waited longest.
         cases.sort_by_key(|c| c.updated_ms);
-        let usable: Vec<GpuKey> = self
-            .store
-            .gpus()?
-            .into_iter()
-            .filter(|g| g.usable)
-            .map(|g| g.gpu)
-            .collect();
-        let leased = self.store.leases()?;
-        let any_free = usable.iter().any(|g| !leased.iter().any(|l| &l.gpu == g));
+        let leased: Vec<GpuKey> = self.store.leases()?.into_iter().map(|l| l.gpu).collect();
+        let any_free = !self.leasable(self.store.gpus()?, &leased, now).is_empty();
         let mut changed = 0;
         for case in cases {
             let due = match case.status {

@@ -38,6 +38,8 @@ pub struct Plan {
     pub results_dir: PathBuf,
     /// Added to a step's timeout before its lease is reclaimed.
     pub lease_grace_ms: u64,
+    /// Which GPUs may be leased, given what the curator saw.
+    pub gpu_policy: crate::gpu::lease::LeasePolicy,
 }
 
 impl Plan {
@@ -88,6 +90,7 @@ impl Plan {
                 .collect(),
             results_dir: config.results_dir(),
             lease_grace_ms: config.conductor.lease_grace_secs * 1000,
+            gpu_policy: crate::gpu::lease::LeasePolicy::from_config(config),
         }
     }
 

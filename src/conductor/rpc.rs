@@ -65,6 +65,10 @@ pub fn answer(conductor: &Conductor, method: Method, payload: &Value) -> Result<
                 "total_cases": cases.len(),
                 "archived_cases": store.archived_count().map_err(e)?,
                 "gpus": gpus.iter().filter(|g| g.usable).count(),
+                "gpus_passing_checks": gpus
+                    .iter()
+                    .filter(|g| conductor.plan.gpu_policy.refusal(g, now).is_none())
+                    .count(),
                 "gpus_leased": store.leases().map_err(e)?.len(),
                 "workers_alive": workers.iter().filter(|w| w.alive(now)).count(),
                 "outbox": store.outbox_len().map_err(e)?,
@@ -113,25 +117,48 @@ pub fn answer(conductor: &Conductor, method: Method, payload: &Value) -> Result<
             }
         }
         Method::ListGpus => {
+            // `{"history": N}` adds each GPU's last N samples, for plots.
+            let history = payload.get("history").and_then(Value::as_u64).unwrap_or(0) as usize;
             let leases = store.leases().map_err(e)?;
-            Ok(Value::Array(
-                store
-                    .gpus()
-                    .map_err(e)?
-                    .into_iter()
-                    .map(|g| {
-                        let lease = leases.iter().find(|l| l.gpu == g.gpu);
-                        json!({
-                            "gpu": g.gpu.key(), "host": g.gpu.host, "index": g.gpu.index,
-                            "usable": g.usable, "name": g.name,
-                            "leased_by": lease.map(|l| json!({
-                                "case_id": l.case_id, "step": l.step, "attempt": l.attempt,
-                                "since": ms_to_rfc3339(l.taken_ms), "expires": ms_to_rfc3339(l.expires_ms),
-                            })),
-                        })
-                    })
-                    .collect(),
-            ))
+            let now = now_ms();
+            let mut out = Vec::new();
+            for g in store.gpus().map_err(e)? {
+                let lease = leases.iter().find(|l| l.gpu == g.gpu);
+                let refusal = conductor.plan.gpu_policy.refusal(&g, now);
+                let mut row = json!({
+                    "gpu": g.gpu.key(), "host": g.gpu.host, "index": g.gpu.index,
+                    "usable": g.usable, "name": g.name,
+                    "leased_by": lease.map(|l| json!({
+                        "case_id": l.case_id, "step": l.step, "attempt": l.attempt,
+                        "since": ms_to_rfc3339(l.taken_ms), "expires": ms_to_rfc3339(l.expires_ms),
+                    })),
+                    "leasable": lease.is_none() && refusal.is_none(),
+                    "not_leasable_because": refusal.map(|r| r.to_string()),
+                    "last_seen": (g.last_seen_ms > 0).then(|| ms_to_rfc3339(g.last_seen_ms)),
+                    "monitored": g.state.is_some(),
+                });
+                if let Some(s) = &g.state {
+                    let fields = json!({
+                        "status": s.health.name(), "uuid": s.uuid,
+                        "utilization_pct": s.utilization_pct,
+                        "memory_used_mib": s.memory_used_mib,
+                        "memory_total_mib": s.memory_total_mib,
+                        "memory_free_mib": s.memory_free_mib(),
+                        "temperature_c": s.temperature_c,
+                        "sampled": ms_to_rfc3339(s.sampled_ms),
+                        "error": s.error,
+                        "processes": s.processes,
+                        "foreign_processes": s.processes.iter().filter(|p| p.foreign).count(),
+                    });
+                    merge(&mut row, fields);
+                }
+                if history > 0 {
+                    let points = store.gpu_history(&g.gpu.key(), history).map_err(e)?;
+                    merge(&mut row, json!({ "history": points }));
+                }
+                out.push(row);
+            }
+            Ok(Value::Array(out))
         }
         Method::ListWorkers => {
             let now = now_ms();
@@ -181,6 +208,13 @@ pub fn answer(conductor: &Conductor, method: Method, payload: &Value) -> Result<
                 .map_err(e)?;
             Ok(json!({"queued": true}))
         }
+    }
+}
+
+/// Adds the fields of object `extra` to object `row`.
+fn merge(row: &mut Value, extra: Value) {
+    if let (Value::Object(row), Value::Object(extra)) = (row, extra) {
+        row.extend(extra);
     }
 }
 

@@ -15,9 +15,9 @@ use crate::amqp::broker::Limits;
 pub mod pipeline;
 
 pub use pipeline::{
-    ArchiverConfig, BrokerConfig, ConductorConfig, ExecutorConfig, ExitPolicy, HostConfig,
-    HostKind, PipelineConfig, RetryPolicy, ScanMode, ScannerConfig, StepConfig, StepKind,
-    WorkersConfig, WorkflowConfig,
+    ArchiverConfig, BrokerConfig, ConductorConfig, CuratorConfig, ExecutorConfig, ExitPolicy,
+    HostConfig, HostKind, PipelineConfig, RetryPolicy, ScanMode, ScannerConfig, StepConfig,
+    StepKind, WorkersConfig, WorkflowConfig,
 };
 
 /// The default configuration file, compiled into the binary.
@@ -37,6 +37,7 @@ pub struct Config {
     pub workers: WorkersConfig,
     pub executor: ExecutorConfig,
     pub archiver: ArchiverConfig,
+    pub curator: CuratorConfig,
     pub hosts: Vec<HostConfig>,
     pub workflows: std::collections::BTreeMap<String, WorkflowConfig>,
 }
@@ -53,11 +54,13 @@ impl Default for Config {
             workers: WorkersConfig::default(),
             executor: ExecutorConfig::default(),
             archiver: ArchiverConfig::default(),
+            curator: CuratorConfig::default(),
             hosts: vec![HostConfig {
                 name: "local".into(),
                 kind: HostKind::Local,
                 work_root: PathBuf::new(),
                 gpus: Vec::new(),
+                min_free_memory_mib: 1024,
             }],
             workflows: Default::default(),
         }
@@ -301,6 +304,7 @@ impl Config {
     fn validate(&self, origin: &str) -> Result<(), ConfigError> {
         self.pipeline()
             .validate()
+            .and_then(|()| self.curator.validate())
             .map_err(|e| ConfigError(format!("{origin}: {e}")))?;
         let a = &self.amqp;
         let fail =

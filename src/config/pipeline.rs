@@ -93,10 +93,17 @@ pub struct HostConfig {
     /// GPU indices on the host that mqic may lease.
     #[serde(default)]
     pub gpus: Vec<u32>,
+    /// A monitored GPU with less free memory than this is not leased.
+    #[serde(default = "default_min_free_memory_mib")]
+    pub min_free_memory_mib: u64,
 }
 
 fn local_kind() -> HostKind {
     HostKind::Local
+}
+
+fn default_min_free_memory_mib() -> u64 {
+    1024
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -242,6 +249,8 @@ impl Default for ConductorConfig {
 pub struct WorkersConfig {
     pub executor: bool,
     pub transfer: bool,
+    /// GPU monitoring (see [`CuratorConfig`]). Off: configured GPUs are leased unchecked.
+    pub curator: bool,
 }
 
 impl Default for WorkersConfig {
@@ -249,7 +258,63 @@ impl Default for WorkersConfig {
         WorkersConfig {
             executor: true,
             transfer: true,
+            curator: true,
         }
+    }
+}
+
+/// `[curator]`: GPU monitoring.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CuratorConfig {
+    /// `system_monitor` is published this often; each one samples every host with GPUs.
+    pub interval_ms: u64,
+    /// One sampling command (nvidia-smi, locally or over SSH) that runs longer is killed
+    /// and the host's GPUs are in error.
+    pub timeout_ms: u64,
+    /// Samples kept per GPU for the dashboard's plots.
+    pub history_len: usize,
+    /// Try NVML (`libnvidia-ml.so.1`) for this machine's GPUs before nvidia-smi.
+    pub nvml: bool,
+    /// The nvidia-smi program: a name looked up on PATH, or a path.
+    pub nvidia_smi: String,
+}
+
+impl Default for CuratorConfig {
+    fn default() -> Self {
+        CuratorConfig {
+            interval_ms: 10_000,
+            timeout_ms: 10_000,
+            history_len: 2880,
+            nvml: true,
+            nvidia_smi: "nvidia-smi".into(),
+        }
+    }
+}
+
+impl CuratorConfig {
+    /// A GPU state older than this is stale (its GPU counts as missing): three intervals
+    /// plus the time the two queries of one sample may take.
+    pub fn stale_after_ms(&self) -> u64 {
+        self.interval_ms
+            .saturating_mul(3)
+            .saturating_add(self.timeout_ms.saturating_mul(2))
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        if self.interval_ms < 100 {
+            return Err("curator.interval_ms: must be at least 100".into());
+        }
+        if self.timeout_ms < 100 {
+            return Err("curator.timeout_ms: must be at least 100".into());
+        }
+        if self.history_len == 0 || self.history_len > 1_000_000 {
+            return Err("curator.history_len: must be between 1 and 1000000".into());
+        }
+        if self.nvidia_smi.trim().is_empty() {
+            return Err("curator.nvidia_smi: must name a program".into());
+        }
+        Ok(())
     }
 }
 
@@ -428,5 +493,28 @@ impl PipelineConfig<'_> {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod curator_tests {
+    use crate::config::Config;
+
+    #[test]
+    fn curator_keys_are_validated_and_min_free_memory_defaults_per_host() {
+        let c = Config::from_toml("[[hosts]]\nname = \"local\"\ngpus = [0]\n", "t").unwrap();
+        assert_eq!(c.hosts[0].min_free_memory_mib, 1024);
+        assert!(c.workers.curator);
+        assert_eq!(c.curator.stale_after_ms(), 3 * 10_000 + 2 * 10_000);
+        for (text, key) in [
+            ("[curator]\ninterval_ms = 10\n", "curator.interval_ms"),
+            ("[curator]\ntimeout_ms = 0\n", "curator.timeout_ms"),
+            ("[curator]\nhistory_len = 0\n", "curator.history_len"),
+            ("[curator]\nnvidia_smi = \" \"\n", "curator.nvidia_smi"),
+            ("[curator]\nintervall_ms = 100\n", "intervall_ms"),
+        ] {
+            let err = Config::from_toml(text, "t").unwrap_err().to_string();
+            assert!(err.contains(key), "{text}: {err}");
+        }
     }
 }

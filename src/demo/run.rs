@@ -21,7 +21,8 @@ use crate::config::Config;
 const DEMO_DEADLINE: Duration = Duration::from_secs(600);
 
 /// The demo's configuration: embedded defaults plus the demo workflow around the stand-ins
-/// in `bin`, two simulated GPUs, and AMQP on a free loopback port.
+/// in `bin`, two simulated GPUs, and AMQP on a free loopback port. The curator is off: the
+/// demo's GPUs are stand-ins, and a real GPU's state must not gate them.
 pub fn demo_config(data_dir: &Path, bin: &Path) -> anyhow::Result<Config> {
     Ok(Config::from_toml(
         &demo_config_text(data_dir, bin),
@@ -48,6 +49,8 @@ listen = "127.0.0.1:0"
 default_workflow = "demo"
 [archiver]
 interval_secs = 0
+[workers]
+curator = false
 [[hosts]]
 name = "local"
 gpus = [0, 1]

@@ -22,7 +22,8 @@ use serde::Serialize;
 use crate::protocol::events::Event;
 use crate::protocol::CaseId;
 use records::{
-    CaseRecord, GpuKey, GpuLease, GpuRecord, HistoryRow, OutboxEntry, ScannedCase, WorkerRecord,
+    CaseRecord, GpuKey, GpuLease, GpuPoint, GpuRecord, HistoryRow, OutboxEntry, ScannedCase,
+    WorkerRecord,
 };
 use tables::*;
 
@@ -257,6 +258,18 @@ impl Store {
         decode_all(&txn.open_table(GPUS)?, "gpu_resources")
     }
 
+    /// The newest `limit` history points of a GPU (`host:index`), oldest first.
+    pub fn gpu_history(&self, gpu: &str, limit: usize) -> StoreResult<Vec<GpuPoint>> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(GPU_HISTORY)?;
+        let mut out = Vec::new();
+        for row in t.range((gpu, 0)..=(gpu, u64::MAX))?.rev().take(limit) {
+            out.push(decode("gpu_history", gpu, row?.1.value())?);
+        }
+        out.reverse();
+        Ok(out)
+    }
+
     pub fn leases(&self) -> StoreResult<Vec<GpuLease>> {
         let txn = self.db.begin_read()?;
         decode_all(&txn.open_table(GPU_LEASES)?, "gpu_leases")
@@ -415,6 +428,23 @@ impl Tx<'_> {
 
     pub fn leases(&self) -> StoreResult<Vec<GpuLease>> {
         decode_all(&self.txn.open_table(GPU_LEASES)?, "gpu_leases")
+    }
+
+    /// Appends a point to a GPU's history (a point at the same time replaces it) and drops
+    /// the oldest beyond `keep`.
+    pub fn push_gpu_point(&mut self, gpu: &str, point: &GpuPoint, keep: usize) -> StoreResult<()> {
+        let mut t = self.txn.open_table(GPU_HISTORY)?;
+        t.insert((gpu, point.at_ms), encode(point).as_slice())?;
+        let mut keys = Vec::new();
+        for row in t.range((gpu, 0)..=(gpu, u64::MAX))? {
+            keys.push(row?.0.value().1);
+        }
+        if keys.len() > keep {
+            for at in &keys[..keys.len() - keep] {
+                t.remove((gpu, *at))?;
+            }
+        }
+        Ok(())
     }
 
     /// Takes a lease; false if the GPU is already leased (the caller picked a busy one).
@@ -683,6 +713,38 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn gpu_history_is_bounded_per_gpu() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("mqic.redb")).unwrap();
+        let point = |at_ms| GpuPoint {
+            at_ms,
+            health: GpuHealth::Ok,
+            utilization_pct: Some(at_ms as u32),
+            memory_used_mib: None,
+            temperature_c: None,
+            processes: 0,
+        };
+        store
+            .write(|tx| {
+                for at in 1..=10 {
+                    tx.push_gpu_point("h:0", &point(at), 4)?;
+                    tx.push_gpu_point("h:1", &point(at * 100), 4)?;
+                }
+                tx.push_gpu_point("h:10", &point(7), 4)
+            })
+            .unwrap();
+        let h0 = store.gpu_history("h:0", 100).unwrap();
+        assert_eq!(
+            h0.iter().map(|p| p.at_ms).collect::<Vec<_>>(),
+            [7, 8, 9, 10]
+        );
+        assert_eq!(store.gpu_history("h:0", 2).unwrap()[0].at_ms, 9);
+        assert_eq!(store.gpu_history("h:1", 100).unwrap().len(), 4);
+        assert_eq!(store.gpu_history("h:10", 100).unwrap().len(), 1);
+        assert!(store.gpu_history("h:2", 100).unwrap().is_empty());
+    }
+
+    #[test]
     fn a_newer_schema_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("mqic.redb");
@@ -728,6 +790,7 @@ pub(crate) mod tests {
                         usable: true,
                         name: "fixture".into(),
                         last_seen_ms: 0,
+                        state: None,
                     })?;
                     Ok(())
                 })

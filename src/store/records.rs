@@ -232,16 +232,102 @@ pub struct HistoryRow {
     pub reason: String,
 }
 
-/// A GPU mqic may lease. The curator (GPU monitoring) fills in live state later.
+/// A GPU mqic may lease, with what the curator last saw of it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GpuRecord {
     pub gpu: GpuKey,
-    /// False when the GPU was removed from config, is missing, or in error: never leased.
+    /// False when the GPU was removed from config: never leased.
     pub usable: bool,
     #[serde(default)]
     pub name: String,
+    /// When a sample last saw this GPU (0: never).
     #[serde(default)]
     pub last_seen_ms: u64,
+    /// The curator's view; `None` while its host has no monitoring (no NVML, no
+    /// nvidia-smi, the curator off): the GPU is then leased as configured, unchecked.
+    #[serde(default)]
+    pub state: Option<GpuState>,
+}
+
+/// How a GPU looked in its host's last sample.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GpuHealth {
+    /// In the sample, readable.
+    Ok,
+    /// The host was sampled and this index was not in it.
+    Missing,
+    /// The host's sample failed (nvidia-smi failed, timed out, the host is unreachable).
+    Error,
+}
+
+impl GpuHealth {
+    pub fn name(self) -> &'static str {
+        match self {
+            GpuHealth::Ok => "ok",
+            GpuHealth::Missing => "missing",
+            GpuHealth::Error => "error",
+        }
+    }
+}
+
+/// A compute process on a GPU.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GpuProcess {
+    pub pid: u32,
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub used_memory_mib: Option<u64>,
+    /// Not started by mqic for the GPU's lease (every process on an unleased GPU is).
+    pub foreign: bool,
+}
+
+/// The curator's last sample of one GPU.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GpuState {
+    pub health: GpuHealth,
+    /// When the sample was taken; older than the sample window, the state is stale and the
+    /// GPU counts as missing.
+    pub sampled_ms: u64,
+    #[serde(default)]
+    pub uuid: String,
+    #[serde(default)]
+    pub utilization_pct: Option<u32>,
+    #[serde(default)]
+    pub memory_used_mib: Option<u64>,
+    #[serde(default)]
+    pub memory_total_mib: Option<u64>,
+    #[serde(default)]
+    pub temperature_c: Option<u32>,
+    #[serde(default)]
+    pub processes: Vec<GpuProcess>,
+    /// Why the sample failed, for `Error`.
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+impl GpuState {
+    /// Free memory, when both figures are known.
+    pub fn memory_free_mib(&self) -> Option<u64> {
+        Some(self.memory_total_mib?.saturating_sub(self.memory_used_mib?))
+    }
+}
+
+/// One point of a GPU's history, for plots.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GpuPoint {
+    pub at_ms: u64,
+    pub health: GpuHealth,
+    #[serde(default)]
+    pub utilization_pct: Option<u32>,
+    #[serde(default)]
+    pub memory_used_mib: Option<u64>,
+    #[serde(default)]
+    pub temperature_c: Option<u32>,
+    /// How many processes ran on it.
+    #[serde(default)]
+    pub processes: u32,
 }
 
 /// Who holds a GPU.

@@ -17,6 +17,10 @@ pub const HISTORY: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("c
 /// gpu key (`host:index`) -> [`super::records::GpuRecord`]: GPUs mqic may lease.
 pub const GPUS: TableDefinition<&str, &[u8]> = TableDefinition::new("gpu_resources");
 
+/// (gpu key, sample time ms) -> [`super::records::GpuPoint`]: each GPU's recent samples,
+/// for plots; the curator keeps the newest `curator.history_len` per GPU.
+pub const GPU_HISTORY: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("gpu_history");
+
 /// gpu key -> [`super::records::GpuLease`]: who holds a GPU and until when. A row here is
 /// the lease; deleting it frees the GPU.
 pub const GPU_LEASES: TableDefinition<&str, &[u8]> = TableDefinition::new("gpu_leases");
@@ -53,8 +57,9 @@ pub const STR_TABLES: &[TableDefinition<&str, &[u8]>] = &[
     ARCHIVED_CASES,
 ];
 
-/// The (case id, sequence) tables, for the backup copy.
-pub const HISTORY_TABLES: &[TableDefinition<(&str, u64), &[u8]>] = &[HISTORY, ARCHIVED_HISTORY];
+/// The (string, number) tables, for the backup copy.
+pub const HISTORY_TABLES: &[TableDefinition<(&str, u64), &[u8]>] =
+    &[HISTORY, ARCHIVED_HISTORY, GPU_HISTORY];
 
 /// The sequence-keyed tables, for the backup copy.
 pub const SEQ_TABLES: &[TableDefinition<u64, &[u8]>] = &[OUTBOX, EVENTS];

@@ -5,12 +5,14 @@
 //! - [`executor`]: runs step commands (the local backend in [`crate::hpc::local`]).
 //! - [`transfer`]: uploads cases to a step host and downloads results, verified by SHA-256.
 //! - [`archiver`]: moves old finished cases to the archive tables and backs up the store.
+//! - [`curator`]: samples GPUs on `system_monitor` and records their state for the lease rule.
 //!
 //! [`consume`] is the one loop every queue worker runs: it (re)subscribes with backoff,
 //! decodes envelopes, dead-letters what does not decode (to `<queue>.dlq`, with the reason in
 //! a header, logged once) and hands the rest to the worker.
 
 pub mod archiver;
+pub mod curator;
 pub mod executor;
 pub mod scanner;
 pub mod transfer;

@@ -10,6 +10,7 @@ mod cli;
 mod crash;
 mod extensions;
 mod external;
+mod gpu;
 mod handshake;
 mod packaging;
 mod pipeline;
