@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Fails when BINARY references a versioned glibc symbol above MAX (default 2.17), so the
-# binary runs on every x86_64 Linux with glibc >= MAX. Prints the highest version and the
-# shared libraries it needs. Usage: packaging/check-glibc.sh BINARY [MAX]
+# Checks that BINARY runs on every x86_64 Linux with glibc >= MAX (default 2.17): it fails
+# when the binary references a versioned glibc symbol above MAX, or needs a shared library
+# other than glibc's. Prints the highest version and the libraries it needs.
+# Usage: packaging/check-glibc.sh BINARY [MAX]
 set -euo pipefail
 bin=${1:?usage: check-glibc.sh BINARY [MAX]}
 max=${2:-2.17}
@@ -18,6 +19,14 @@ highest=$(printf '%s\n' "$versions" | tail -1)
 too_new=$(printf '%s\n' "$versions" | while read -r v; do
     [ "$(printf '%s\n%s\n' "$max" "$v" | sort -V | tail -1)" = "$max" ] || echo "$v"; done)
 needed=$(readelf -d "$bin" | sed -n 's/.*(NEEDED).*\[\(.*\)\]/\1/p' | tr '\n' ' ')
+# Only glibc's own libraries (and the gcc runtime every glibc system has) may be needed.
+for lib in $needed; do
+    case "$lib" in
+        libc.so.6 | libm.so.6 | libpthread.so.0 | libdl.so.2 | librt.so.1 | libutil.so.1 \
+            | ld-linux-x86-64.so.2 | libgcc_s.so.1) ;;
+        *) echo "check-glibc: FAIL $bin needs $lib, which not every glibc system has" >&2; exit 1 ;;
+    esac
+done
 if [ -n "$too_new" ]; then
     echo "check-glibc: FAIL $bin needs GLIBC $(echo $too_new), above $max:" >&2
     for v in $too_new; do
