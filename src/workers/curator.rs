@@ -450,8 +450,13 @@ fn describe(summaries: &[(String, HostSummary)]) -> String {
 }
 
 /// Publishes `system_monitor` at once and then every `curator.interval_ms` until shutdown,
-/// skipping a turn while the previous one waits.
+/// skipping a turn while the previous one waits. With no host listing GPUs it publishes
+/// nothing.
 pub async fn schedule(bus: Arc<dyn Bus>, curator: Arc<Curator>, mut shutdown: Shutdown) {
+    if curator.hosts.is_empty() {
+        // Nothing to sample; a `system_monitor` sent by hand is still answered.
+        return;
+    }
     let every = Duration::from_millis(curator.config.interval_ms);
     loop {
         if curator.take_turn() {
