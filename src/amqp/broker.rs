@@ -51,6 +51,8 @@ pub struct Broker {
     pub connections: AtomicUsize,
     /// True while memory use is above the high watermark: publishers are blocked.
     memory_alarm: watch::Sender<bool>,
+    /// Counters and the connection registry (management API, Prometheus).
+    pub stats: super::stats::Stats,
 }
 
 impl Broker {
@@ -62,6 +64,7 @@ impl Broker {
             next_connection: AtomicU64::new(1),
             connections: AtomicUsize::new(0),
             memory_alarm: watch::channel(false).0,
+            stats: Default::default(),
         };
         for name in vhosts {
             broker.add_vhost(name);
@@ -80,6 +83,18 @@ impl Broker {
 
     pub fn vhost(&self, name: &str) -> Option<Arc<VHost>> {
         self.vhosts.read().get(name).cloned()
+    }
+
+    /// Every vhost, by name (management API).
+    pub fn vhosts(&self) -> Vec<Arc<VHost>> {
+        let mut all: Vec<_> = self.vhosts.read().values().cloned().collect();
+        all.sort_by(|a, b| a.name.cmp(&b.name));
+        all
+    }
+
+    /// Whether the memory alarm is on now.
+    pub fn memory_alarm_on(&self) -> bool {
+        *self.memory_alarm.borrow()
     }
 
     /// Expires messages past their TTL in every queue, every 100 ms, until shutdown: RabbitMQ
@@ -133,6 +148,8 @@ pub struct VHost {
     pub name: String,
     exchanges: RwLock<HashMap<String, Arc<Exchange>>>,
     queues: RwLock<HashMap<String, Arc<Queue>>>,
+    /// Counters of deleted queues, so vhost totals never go down.
+    retired: parking_lot::Mutex<super::stats::QueueCounters>,
 }
 
 /// The exchanges every vhost starts with (RabbitMQ's `declare_default_exchanges`).
@@ -176,6 +193,7 @@ impl VHost {
             name: name.to_string(),
             exchanges: RwLock::new(exchanges),
             queues: RwLock::new(HashMap::new()),
+            retired: Default::default(),
         })
     }
 
@@ -206,6 +224,18 @@ impl VHost {
 
     pub fn queue(&self, name: &str) -> Option<Arc<Queue>> {
         self.queues.read().get(name).cloned()
+    }
+
+    /// The queues and the counters of every queue this vhost ever had (live plus deleted),
+    /// read consistently (management API, Prometheus).
+    pub fn queues_and_totals(&self) -> (Vec<Arc<Queue>>, super::stats::QueueCounters) {
+        let queues = self.queues.read();
+        let mut totals = *self.retired.lock();
+        let list: Vec<Arc<Queue>> = queues.values().cloned().collect();
+        for q in &list {
+            totals += q.counters();
+        }
+        (list, totals)
     }
 
     fn queues_owned_by(&self, connection: ConnectionId) -> Vec<Arc<Queue>> {
@@ -346,10 +376,13 @@ impl VHost {
         };
         q.check_access(connection)?;
         let (count, consumers) = q.delete(if_unused, if_empty)?;
+        let mut counters = q.counters();
+        counters.deleted_queues = 1;
         {
             let mut queues = self.queues.write();
             if queues.get(name).is_some_and(|x| Arc::ptr_eq(x, &q)) {
                 queues.remove(name);
+                *self.retired.lock() += counters;
             }
         }
         self.remove_destination(&Destination::Queue(name.into()));
