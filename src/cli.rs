@@ -56,6 +56,12 @@ pub struct ServeArgs {
     /// Override `scanner.dir` (the watched folder).
     #[arg(long)]
     pub scan_dir: Option<PathBuf>,
+    /// Override `management.listen` (port 0 picks a free port).
+    #[arg(long)]
+    pub management_listen: Option<SocketAddr>,
+    /// Override `prometheus.listen` (port 0 picks a free port).
+    #[arg(long)]
+    pub prometheus_listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -153,6 +159,12 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
             }
             if let Some(d) = args.scan_dir {
                 config.scanner.dir = d;
+            }
+            if let Some(a) = args.management_listen {
+                config.management.listen = a;
+            }
+            if let Some(a) = args.prometheus_listen {
+                config.prometheus.listen = a;
             }
             init_logging(&config)?;
             runtime()?.block_on(crate::app::serve(config))

@@ -12,8 +12,10 @@ use serde::{Deserialize, Deserializer};
 use crate::amqp::auth::{self, User, Users};
 use crate::amqp::broker::Limits;
 
+pub mod management;
 pub mod pipeline;
 
+pub use management::{ManagementConfig, PrometheusConfig};
 pub use pipeline::{
     ArchiverConfig, BrokerConfig, ConductorConfig, ExecutorConfig, ExitPolicy, HostConfig,
     HostKind, PipelineConfig, RetryPolicy, ScanMode, ScannerConfig, StepConfig, StepKind,
@@ -39,6 +41,8 @@ pub struct Config {
     pub archiver: ArchiverConfig,
     pub hosts: Vec<HostConfig>,
     pub workflows: std::collections::BTreeMap<String, WorkflowConfig>,
+    pub management: ManagementConfig,
+    pub prometheus: PrometheusConfig,
 }
 
 impl Default for Config {
@@ -60,6 +64,8 @@ impl Default for Config {
                 gpus: Vec::new(),
             }],
             workflows: Default::default(),
+            management: ManagementConfig::default(),
+            prometheus: PrometheusConfig::default(),
         }
     }
 }
@@ -279,6 +285,8 @@ impl Config {
     fn validate(&self, origin: &str) -> Result<(), ConfigError> {
         self.pipeline()
             .validate()
+            .map_err(|e| ConfigError(format!("{origin}: {e}")))?;
+        management::validate(self.amqp.listen, &self.management, &self.prometheus)
             .map_err(|e| ConfigError(format!("{origin}: {e}")))?;
         let a = &self.amqp;
         let fail =
