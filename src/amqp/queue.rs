@@ -401,7 +401,11 @@ impl Queue {
         }
         let c = &mut st.counters;
         c.redelivered += message.redelivered as u64;
-        *if no_ack { &mut c.get_no_ack } else { &mut c.get_ack } += 1;
+        *if no_ack {
+            &mut c.get_no_ack
+        } else {
+            &mut c.get_ack
+        } += 1;
         Some((message, st.ready.len() as u32))
     }
 
