@@ -6,13 +6,15 @@
 //! read-only object views), [`ops`] (declare, delete, bind, purge, publish, get,
 //! definitions, health checks), [`json`] (JSON shapes and list conventions), [`rates`]
 //! (message rates sampled every few seconds), [`metrics`] (the Prometheus text format),
-//! [`client`] (the small HTTP client `mqic queues` uses).
+//! [`client`] (the small HTTP client `mqic queues` uses), [`commands`] (the operator
+//! commands of the command line: status, cases, case, retry, cancel, queues, publish).
 //!
 //! Everything here reads the broker through its read-only accessors and changes it only
 //! through the same operations AMQP clients use.
 
 pub mod api;
 pub mod client;
+pub mod commands;
 pub mod json;
 pub mod metrics;
 pub mod ops;
@@ -23,6 +25,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
+use axum::extract::connect_info::MockConnectInfo;
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::Next;
@@ -222,10 +225,13 @@ impl AuthUser {
 /// (`guest` only from loopback); a user needs a management tag. A request without a peer
 /// address (never the case on a socket) counts as non-loopback.
 pub async fn authenticate(State(m): State<Arc<Mgmt>>, mut req: Request, next: Next) -> Response {
-    let peer = req
-        .extensions()
+    // The socket's peer; router tests without a socket give one with `MockConnectInfo`.
+    let ext = req.extensions();
+    let peer = ext
         .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0.ip())
+        .map(|c| c.0)
+        .or_else(|| ext.get::<MockConnectInfo<SocketAddr>>().map(|c| c.0))
+        .map(|a| a.ip())
         .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
     let Some((name, password)) = basic_credentials(req.headers().get(header::AUTHORIZATION)) else {
         return ApiError::unauthorized("Not_Authorized").into_response();

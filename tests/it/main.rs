@@ -11,6 +11,7 @@ mod crash;
 mod extensions;
 mod external;
 mod handshake;
+mod mgmt;
 mod pipeline;
 mod smoke;
 mod topology;
