@@ -25,7 +25,7 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 async fn connect(broker: &str) -> anyhow::Result<RemoteBus> {
     RemoteBus::connect(broker).await.map_err(|e| {
         anyhow!(
-            "the mqic daemon is not reachable at {} (is `mqic serve` running?): {e}",
+            "cannot reach the mqic daemon at {} (is `mqic serve` running?): {e}",
             redact(broker)
         )
     })
