@@ -1381,3 +1381,111 @@ fn commands_say_one_line_when_no_daemon_runs() {
         assert!(out.stdout.is_empty());
     }
 }
+
+/// The value of an unlabelled (or fully labelled) sample in a metrics text.
+fn sample(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
+        .unwrap_or_else(|| panic!("no {series} in:\n{text}"))
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counters_survive_queue_deletion_and_rates_follow_traffic() {
+    use lapin::options::{
+        BasicAckOptions, BasicGetOptions, BasicPublishOptions, QueueDeclareOptions,
+        QueueDeleteOptions,
+    };
+    let server = server().await;
+    let m = state(&server);
+    let conn = server.lapin().await;
+    let ch = conn.create_channel().await.unwrap();
+    ch.queue_declare(
+        "counted".into(),
+        QueueDeclareOptions::default(),
+        Default::default(),
+    )
+    .await
+    .unwrap();
+    m.rates.sample(&m);
+    for _ in 0..5 {
+        ch.basic_publish(
+            "".into(),
+            "counted".into(),
+            BasicPublishOptions::default(),
+            b"x",
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    }
+    crate::support::eventually("five ready", || {
+        server
+            .app
+            .broker
+            .vhost("/")
+            .unwrap()
+            .queue("counted")
+            .is_some_and(|q| q.message_count() == 5)
+    })
+    .await;
+    for _ in 0..2 {
+        let got = ch
+            .basic_get("counted".into(), BasicGetOptions::default())
+            .await
+            .unwrap()
+            .unwrap();
+        got.delivery.ack(BasicAckOptions::default()).await.unwrap();
+    }
+    crate::support::eventually("two acked", || {
+        server
+            .app
+            .broker
+            .vhost("/")
+            .unwrap()
+            .queue("counted")
+            .is_some_and(|q| q.counters().acked == 2)
+    })
+    .await;
+    m.rates.sample(&m);
+    let r = m.rates.queue("/", "counted");
+    assert!(r.publish > 0.0 && r.get > 0.0 && r.ack > 0.0, "{r:?}");
+    // The same state as the sampler (a fresh router would have no samples yet).
+    let app =
+        mgmt::api_router(m.clone()).layer(MockConnectInfo(LOOPBACK.parse::<SocketAddr>().unwrap()));
+    let q = guest(&app, "GET", "/api/queues/%2F/counted", None)
+        .await
+        .json;
+    assert_eq!(q["message_stats"]["publish"], 5);
+    assert_eq!(q["message_stats"]["get"], 2);
+    assert_eq!(q["message_stats"]["ack"], 2);
+    assert!(
+        q["message_stats"]["publish_details"]["rate"]
+            .as_f64()
+            .unwrap()
+            > 0.0
+    );
+
+    let before = mgmt::metrics::render(&m);
+    let delivered = "rabbitmq_global_messages_delivered_get_manual_ack_total{protocol=\"amqp091\"}";
+    let received = "rabbitmq_global_messages_received_total{protocol=\"amqp091\"}";
+    let deleted = "rabbitmq_queues_deleted_total";
+    ch.queue_delete("counted".into(), QueueDeleteOptions::default())
+        .await
+        .unwrap();
+    let after = mgmt::metrics::render(&m);
+    assert_eq!(
+        sample(&after, delivered),
+        sample(&before, delivered),
+        "counters never go down"
+    );
+    assert!(sample(&after, delivered) >= 2.0);
+    assert!(sample(&after, received) >= 5.0);
+    assert_eq!(sample(&after, deleted), sample(&before, deleted) + 1.0);
+    assert!(
+        !after.contains("queue=\"counted\""),
+        "the deleted queue's series are gone"
+    );
+    server.stop().await;
+}
