@@ -25,6 +25,10 @@ data_dir = "{data}"
 level = "error"
 [amqp]
 listen = "127.0.0.1:0"
+[management]
+enabled = false
+[prometheus]
+enabled = false
 [scanner]
 mode = "{mode}"
 [conductor]

@@ -28,6 +28,8 @@ pub struct App {
     pub amqp_addr: SocketAddr,
     /// Where the AMQPS listener is bound, if configured.
     pub amqps_addr: Option<SocketAddr>,
+    /// Where the management API and Prometheus listen, if enabled.
+    pub http: crate::mgmt::Addrs,
     pub memory: Arc<MemoryWatermark>,
     /// The disk free limit on the data dir's file system.
     pub disk: Arc<DiskFreeLimit>,
@@ -73,6 +75,7 @@ impl App {
             Some((l, _)) => Some(l.local_addr()?),
             None => None,
         };
+        let http = crate::mgmt::bind(&config).await?;
 
         let (shutdown, rx) = watch::channel(false);
         let mut tasks = JoinSet::new();
@@ -88,12 +91,24 @@ impl App {
         tasks.spawn(watermark.clone().watch(broker.clone(), rx.clone()));
         tasks.spawn(disk.clone().watch(broker.clone(), rx.clone()));
         tasks.spawn(broker.clone().sweep_expired(rx.clone()));
-        let pipeline = pipeline::start(&config, &broker, &mut tasks, rx).await?;
+        let pipeline = pipeline::start(&config, &broker, &mut tasks, rx.clone()).await?;
+        let http = crate::mgmt::spawn(
+            http,
+            broker.clone(),
+            Some(pipeline.conductor.store.clone()),
+            watermark.clone(),
+            disk.clone(),
+            (amqp_addr, amqps_addr),
+            config.data_dir.clone(),
+            &mut tasks,
+            rx,
+        )?;
 
         Ok(App {
             broker,
             amqp_addr,
             amqps_addr,
+            http,
             memory: watermark,
             disk,
             pipeline,
@@ -109,6 +124,14 @@ impl App {
         let mut lines = vec![format!("amqp listening on {}", self.amqp_addr)];
         if let Some(a) = self.amqps_addr {
             lines.push(format!("amqps listening on {a}"));
+        }
+        if let Some(a) = self.http.management {
+            lines.push(format!("management API listening on http://{a}/api/"));
+        }
+        if let Some(a) = self.http.prometheus {
+            lines.push(format!(
+                "prometheus metrics listening on http://{a}/metrics"
+            ));
         }
         lines
     }

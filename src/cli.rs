@@ -26,10 +26,20 @@ pub enum Command {
     Demo(DemoArgs),
     /// Run one queue worker in its own process, against a broker (mqic or RabbitMQ).
     Worker(WorkerArgs),
+    /// Show the daemon: cases by status, GPUs, workers (through the running daemon).
+    Status(StatusArgs),
+    /// List cases, most recently updated first (through the running daemon).
+    Cases(CasesArgs),
+    /// Show one case with its steps and history (through the running daemon).
+    Case(CaseArgs),
     /// Retry a FAILED or CANCELLED case (through the running daemon).
     Retry(CaseArgs),
     /// Cancel a case; a running step is killed (through the running daemon).
     Cancel(CaseArgs),
+    /// List queues: ready, unacked, consumers, rates (through the management API).
+    Queues(QueuesArgs),
+    /// Validate a JSON message envelope and publish it to a queue (through the broker).
+    Publish(PublishArgs),
     /// Archive finished cases past the retention age and back up the store now.
     Archive(DaemonArgs),
     /// Inspect configuration.
@@ -56,6 +66,12 @@ pub struct ServeArgs {
     /// Override `scanner.dir` (the watched folder).
     #[arg(long)]
     pub scan_dir: Option<PathBuf>,
+    /// Override `management.listen` (port 0 picks a free port).
+    #[arg(long)]
+    pub management_listen: Option<SocketAddr>,
+    /// Override `prometheus.listen` (port 0 picks a free port).
+    #[arg(long)]
+    pub prometheus_listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -87,6 +103,58 @@ pub struct CaseArgs {
     pub case_id: String,
     #[command(flatten)]
     pub daemon: DaemonArgs,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub daemon: DaemonArgs,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct CasesArgs {
+    /// Only cases with this status (NEW, QUEUED, PENDING_RESOURCE, PROCESSING, ...).
+    #[arg(long)]
+    pub status: Option<String>,
+    /// At most this many cases.
+    #[arg(long, default_value_t = 1000)]
+    pub limit: u64,
+    #[command(flatten)]
+    pub daemon: DaemonArgs,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct QueuesArgs {
+    /// The management API (its user and password are taken from --broker).
+    #[arg(long, default_value = "http://127.0.0.1:15672")]
+    pub management: String,
+    #[command(flatten)]
+    pub daemon: DaemonArgs,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct PublishArgs {
+    /// The queue to publish to (through the default exchange).
+    pub queue: String,
+    /// The message: a JSON envelope `{"command": ..., "payload": {...}}`.
+    pub message: String,
+    #[command(flatten)]
+    pub daemon: DaemonArgs,
+    /// Print JSON instead of a line.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -154,6 +222,12 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
             if let Some(d) = args.scan_dir {
                 config.scanner.dir = d;
             }
+            if let Some(a) = args.management_listen {
+                config.management.listen = a;
+            }
+            if let Some(a) = args.prometheus_listen {
+                config.prometheus.listen = a;
+            }
             init_logging(&config)?;
             runtime()?.block_on(crate::app::serve(config))
         }
@@ -183,16 +257,29 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
             init_logging(&config)?;
             runtime()?.block_on(crate::app::worker(config, args.role))
         }
-        Command::Retry(args) => rpc_command(
-            &args.daemon,
+        Command::Status(a) => crate::mgmt::commands::status(&a.daemon.broker, a.json),
+        Command::Cases(a) => {
+            crate::mgmt::commands::cases(&a.daemon.broker, a.status.as_deref(), a.limit, a.json)
+        }
+        Command::Case(a) => crate::mgmt::commands::case(&a.daemon.broker, &a.case_id, a.json),
+        Command::Retry(a) => crate::mgmt::commands::change(
+            &a.daemon.broker,
             crate::protocol::rpc::Method::RetryCase,
-            serde_json::json!({ "case_id": args.case_id }),
+            &a.case_id,
+            a.json,
         ),
-        Command::Cancel(args) => rpc_command(
-            &args.daemon,
+        Command::Cancel(a) => crate::mgmt::commands::change(
+            &a.daemon.broker,
             crate::protocol::rpc::Method::CancelCase,
-            serde_json::json!({ "case_id": args.case_id }),
+            &a.case_id,
+            a.json,
         ),
+        Command::Queues(a) => {
+            crate::mgmt::commands::queues(&a.daemon.broker, &a.management, a.json)
+        }
+        Command::Publish(a) => {
+            crate::mgmt::commands::publish(&a.daemon.broker, &a.queue, &a.message, a.json)
+        }
         Command::Archive(args) => rpc_command(
             &args,
             crate::protocol::rpc::Method::ArchiveData,

@@ -19,6 +19,8 @@
 //! - [`logbus`]: log lines on the `mqic.logs` exchange, by severity.
 //! - [`pipeline`]: wiring: store, recovery, bus, and every worker task.
 //! - [`demo`]: synthetic cases, MOQUI and interpreter stand-ins, the demo's progress view.
+//! - [`mgmt`]: the RabbitMQ-compatible management HTTP API (port 15672) and Prometheus
+//!   `/metrics` (port 15692).
 
 pub mod amqp;
 pub mod app;
@@ -32,6 +34,7 @@ pub mod gpu;
 pub mod hpc;
 pub mod logbus;
 pub mod memory;
+pub mod mgmt;
 pub mod pipeline;
 pub mod protocol;
 pub mod store;

@@ -51,6 +51,11 @@ impl User {
     pub fn may_open(&self, vhost: &str) -> bool {
         self.vhosts.iter().any(|v| v == vhost || v == "*")
     }
+
+    /// The stored hash (for a definitions export, as RabbitMQ's); never logged.
+    pub fn password_hash(&self) -> &str {
+        &self.password_hash
+    }
 }
 
 /// The users known to the broker.
@@ -82,6 +87,17 @@ impl Users {
         Users {
             by_name: users.into_iter().map(|u| (u.name.clone(), u)).collect(),
         }
+    }
+
+    /// Every user, by name (management API).
+    pub fn all(&self) -> Vec<&User> {
+        let mut all: Vec<&User> = self.by_name.values().collect();
+        all.sort_by(|a, b| a.name.cmp(&b.name));
+        all
+    }
+
+    pub fn get(&self, name: &str) -> Option<&User> {
+        self.by_name.get(name)
     }
 
     /// Checks a username and password from a peer address.

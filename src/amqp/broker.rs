@@ -51,6 +51,8 @@ pub struct Broker {
     pub connections: AtomicUsize,
     /// The resource alarms in force (memory, disk): while any is on, publishers are blocked.
     alarms: watch::Sender<Alarms>,
+    /// Counters and the connection registry (management API, Prometheus).
+    pub stats: super::stats::Stats,
 }
 
 /// The resource alarms that block publishers (`connection.blocked`), as RabbitMQ raises them.
@@ -86,6 +88,7 @@ impl Broker {
             next_connection: AtomicU64::new(1),
             connections: AtomicUsize::new(0),
             alarms: watch::channel(Alarms::default()).0,
+            stats: Default::default(),
         };
         for name in vhosts {
             broker.add_vhost(name);
@@ -104,6 +107,23 @@ impl Broker {
 
     pub fn vhost(&self, name: &str) -> Option<Arc<VHost>> {
         self.vhosts.read().get(name).cloned()
+    }
+
+    /// Every vhost, by name (management API).
+    pub fn vhosts(&self) -> Vec<Arc<VHost>> {
+        let mut all: Vec<_> = self.vhosts.read().values().cloned().collect();
+        all.sort_by(|a, b| a.name.cmp(&b.name));
+        all
+    }
+
+    /// Whether the memory alarm is on now.
+    pub fn memory_alarm_on(&self) -> bool {
+        self.alarms.borrow().memory
+    }
+
+    /// Whether the disk alarm is on now.
+    pub fn disk_alarm_on(&self) -> bool {
+        self.alarms.borrow().disk
     }
 
     /// Expires messages past their TTL in every queue, every 100 ms, until shutdown: RabbitMQ
@@ -166,6 +186,8 @@ pub struct VHost {
     pub name: String,
     exchanges: RwLock<HashMap<String, Arc<Exchange>>>,
     queues: RwLock<HashMap<String, Arc<Queue>>>,
+    /// Counters of deleted queues, so vhost totals never go down.
+    retired: parking_lot::Mutex<super::stats::QueueCounters>,
 }
 
 /// The exchanges every vhost starts with (RabbitMQ's `declare_default_exchanges`).
@@ -209,6 +231,7 @@ impl VHost {
             name: name.to_string(),
             exchanges: RwLock::new(exchanges),
             queues: RwLock::new(HashMap::new()),
+            retired: Default::default(),
         })
     }
 
@@ -239,6 +262,18 @@ impl VHost {
 
     pub fn queue(&self, name: &str) -> Option<Arc<Queue>> {
         self.queues.read().get(name).cloned()
+    }
+
+    /// The queues and the counters of every queue this vhost ever had (live plus deleted),
+    /// read consistently (management API, Prometheus).
+    pub fn queues_and_totals(&self) -> (Vec<Arc<Queue>>, super::stats::QueueCounters) {
+        let queues = self.queues.read();
+        let mut totals = *self.retired.lock();
+        let list: Vec<Arc<Queue>> = queues.values().cloned().collect();
+        for q in &list {
+            totals += q.counters();
+        }
+        (list, totals)
     }
 
     fn queues_owned_by(&self, connection: ConnectionId) -> Vec<Arc<Queue>> {
@@ -407,10 +442,13 @@ impl VHost {
         };
         q.check_access(connection)?;
         let (count, consumers) = q.delete(if_unused, if_empty)?;
+        let mut counters = q.counters();
+        counters.deleted_queues = 1;
         {
             let mut queues = self.queues.write();
             if queues.get(name).is_some_and(|x| Arc::ptr_eq(x, &q)) {
                 queues.remove(name);
+                *self.retired.lock() += counters;
             }
         }
         self.remove_destination(&Destination::Queue(name.into()));

@@ -14,6 +14,7 @@ use super::exchange::{ExchangeKind, ExchangeSpec};
 use super::message::Message;
 use super::queue::{Enqueued, Queue, QueueSpec, QueuedMessage};
 use super::reply::{AmqpError, AmqpResult, ReplyCode};
+use super::stats::Counters;
 
 /// What a channel knows about the connection it lives on.
 #[derive(Debug)]
@@ -121,6 +122,7 @@ fn queue_name_err() -> AmqpError {
 
 impl Channel {
     pub fn new(shared: Arc<ChannelShared>, session: Arc<Session>) -> Channel {
+        Counters::bump(&session.broker.stats.counters.channels_opened);
         Channel {
             shared,
             session,
@@ -229,7 +231,7 @@ impl Channel {
             }
             name.replace(['\r', '\n'], "")
         };
-        let (q, _created) = self.vhost().declare_queue(
+        let (q, created) = self.vhost().declare_queue(
             QueueSpec {
                 name,
                 durable: durable && !exclusive,
@@ -241,6 +243,11 @@ impl Channel {
             server_named,
             self.conn(),
         )?;
+        let counters = &self.session.broker.stats.counters;
+        Counters::bump(&counters.queues_declared);
+        if created {
+            Counters::bump(&counters.queues_created);
+        }
         self.last_queue = Some(q.name().to_string());
         Ok((q.name().to_string(), q.message_count(), q.consumer_count()))
     }
@@ -586,6 +593,13 @@ impl Channel {
                 Enqueued::Gone => {}
             }
         }
+        let counters = &self.session.broker.stats.counters;
+        Counters::bump(&counters.received);
+        Counters::bump(match (routed, mandatory) {
+            (true, _) => &counters.routed,
+            (false, true) => &counters.unroutable_returned,
+            (false, false) => &counters.unroutable_dropped,
+        });
         // A reply to a requester that has gone counts as routed, as in RabbitMQ (delivery
         // to direct reply-to is at most once).
         let reply = message.exchange.is_empty() && message.routing_key.starts_with(REPLY_TO_PREFIX);
@@ -738,6 +752,7 @@ impl Channel {
 
     /// Closes the channel: consumers are cancelled and unacked messages requeued.
     pub fn close(&mut self) {
+        Counters::bump(&self.session.broker.stats.counters.channels_closed);
         self.shared.mark_closed();
         for consumer in self.shared.take_consumers() {
             self.drop_consumer(&consumer);

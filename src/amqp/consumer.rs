@@ -174,6 +174,26 @@ impl ChannelShared {
         self.closed.store(true, Ordering::Relaxed);
     }
 
+    /// Read-only views for the management API.
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Relaxed)
+    }
+
+    /// Delivered, not yet acknowledged messages on this channel.
+    pub fn unacked_count(&self) -> usize {
+        self.deliveries.lock().unacked.len()
+    }
+
+    /// `basic.qos global=true` in force (0 = unlimited).
+    pub fn global_prefetch(&self) -> u32 {
+        self.global_prefetch.load(Ordering::Relaxed)
+    }
+
+    /// The channel's consumers now.
+    pub fn consumers(&self) -> Vec<Arc<Consumer>> {
+        self.consumers.lock().values().cloned().collect()
+    }
+
     /// Reserves credit and delivers `message` to `consumer`. Called with the queue locked;
     /// returns the message back when the consumer has no credit after all.
     pub(super) fn deliver(

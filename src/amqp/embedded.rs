@@ -15,12 +15,15 @@ use super::consumer::ChannelShared;
 use super::message::Message;
 use super::outbound::{LocalEvent, Outbound};
 use super::reply::{AmqpError, AmqpResult, Scope};
+use super::stats::ConnectionInfo;
 
 /// An in-process connection: owns exclusive queues and closes them when dropped.
 #[derive(Debug)]
 pub struct LocalConnection {
     session: Arc<Session>,
     next_channel: u16,
+    /// This connection in the broker's registry (management API).
+    info: Arc<ConnectionInfo>,
 }
 
 impl LocalConnection {
@@ -29,14 +32,24 @@ impl LocalConnection {
         let vhost = broker
             .vhost(vhost)
             .ok_or_else(|| AmqpError::not_allowed(format!("vhost {vhost} not found")))?;
+        let id = broker.next_connection_id();
+        let info = broker.stats.register(ConnectionInfo::new(
+            id,
+            None,
+            user,
+            &vhost.name,
+            FieldTable::default(),
+            (0, u16::MAX, 0),
+        ));
         Ok(LocalConnection {
             session: Arc::new(Session {
-                connection: broker.next_connection_id(),
+                connection: id,
                 user: user.to_string(),
                 vhost,
                 broker: broker.clone(),
             }),
             next_channel: 0,
+            info,
         })
     }
 
@@ -50,6 +63,7 @@ impl LocalConnection {
             Outbound::Local(tx),
             true,
         );
+        self.info.add_channel(&shared);
         LocalChannel {
             channel: Channel::new(shared, self.session.clone()),
             events: rx,
@@ -63,6 +77,7 @@ impl Drop for LocalConnection {
         let broker = &self.session.broker;
         // In-process connections are not clients: they do not count against max_connections.
         broker.connection_closed(self.session.connection);
+        broker.stats.unregister(self.session.connection);
     }
 }
 

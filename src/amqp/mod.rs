@@ -2,7 +2,8 @@
 //! [`connection`] (one socket: handshake, frame loop), [`channel`] (the operations of one
 //! channel), [`broker`] (vhosts, exchanges, queues, routing), [`queue`] and [`consumer`]
 //! (dispatch and credit), [`deadletter`] (x-death and the dead-letter exchange), [`outbound`] (where deliveries go), [`embedded`] (the same broker
-//! in-process), [`server`] (listeners). This module knows nothing of cases or workflows.
+//! in-process), [`server`] (listeners), [`stats`] (read-only counters and the connection
+//! registry, for the management API). This module knows nothing of cases or workflows.
 
 pub mod auth;
 pub mod broker;
@@ -18,6 +19,7 @@ pub mod outbound;
 pub mod queue;
 pub mod reply;
 pub mod server;
+pub mod stats;
 
 pub use broker::{Broker, Limits};
 pub use embedded::{LocalChannel, LocalConnection};

@@ -109,6 +109,8 @@ struct QueueState {
     /// Last declare, `basic.get` or consumer change, for `x-expires` (set at creation).
     last_used: Option<Instant>,
     deleted: bool,
+    /// Message counters for the management API and Prometheus.
+    counters: super::stats::QueueCounters,
 }
 
 /// A queue.
@@ -322,6 +324,7 @@ impl Queue {
                 st.ready.insert(at, queued);
             }
         }
+        st.counters.published += 1;
         self.dispatch_locked(&mut st);
         // A TTL of 0 means: delivered at once or expired.
         self.expire_head(&mut st, Instant::now());
@@ -407,9 +410,17 @@ impl Queue {
             let consumer = st.consumers[i].clone();
             let message = st.ready.pop_front().expect("checked non-empty");
             let size = message.message.size();
+            let redelivered = message.redelivered;
             match consumer.channel.deliver(&consumer, self, message) {
                 Ok(()) => {
                     st.ready_bytes -= size;
+                    let c = &mut st.counters;
+                    c.redelivered += redelivered as u64;
+                    *if consumer.no_ack {
+                        &mut c.delivered_no_ack
+                    } else {
+                        &mut c.delivered_ack
+                    } += 1;
                     if !consumer.no_ack {
                         st.unacked += 1;
                     }
@@ -436,6 +447,13 @@ impl Queue {
         if !no_ack {
             st.unacked += 1;
         }
+        let c = &mut st.counters;
+        c.redelivered += message.redelivered as u64;
+        *if no_ack {
+            &mut c.get_no_ack
+        } else {
+            &mut c.get_ack
+        } += 1;
         Some((message, st.ready.len() as u32))
     }
 
@@ -443,6 +461,7 @@ impl Queue {
     pub fn acked(&self, count: usize) {
         let mut st = self.state.lock();
         st.unacked = st.unacked.saturating_sub(count);
+        st.counters.acked += count as u64;
     }
 
     /// Puts delivered messages back, in their original order, marked redelivered.
@@ -578,6 +597,16 @@ impl Queue {
     /// Messages dropped from the head by a length limit so far.
     pub fn dropped(&self) -> u64 {
         self.state.lock().dropped
+    }
+
+    /// Message counters since the queue was declared (management API, Prometheus).
+    pub fn counters(&self) -> super::stats::QueueCounters {
+        self.state.lock().counters
+    }
+
+    /// The queue's consumers now (management API).
+    pub fn consumers(&self) -> Vec<Arc<Consumer>> {
+        self.state.lock().consumers.clone()
     }
 
     /// Ready, unacked, ready bytes: for the management view.

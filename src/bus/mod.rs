@@ -12,7 +12,7 @@ mod contract;
 pub mod embedded;
 pub mod reconnect;
 pub mod remote;
-mod url;
+pub(crate) mod url;
 
 use std::future::Future;
 use std::pin::Pin;

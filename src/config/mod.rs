@@ -12,8 +12,10 @@ use serde::{Deserialize, Deserializer};
 use crate::amqp::auth::{self, User, Users};
 use crate::amqp::broker::Limits;
 
+pub mod management;
 pub mod pipeline;
 
+pub use management::{ManagementConfig, PrometheusConfig};
 pub use pipeline::{
     ArchiverConfig, BrokerConfig, ConductorConfig, CuratorConfig, ExecutorConfig, ExitPolicy,
     HostConfig, HostKind, PipelineConfig, RetryPolicy, ScanMode, ScannerConfig, StepConfig,
@@ -40,6 +42,8 @@ pub struct Config {
     pub curator: CuratorConfig,
     pub hosts: Vec<HostConfig>,
     pub workflows: std::collections::BTreeMap<String, WorkflowConfig>,
+    pub management: ManagementConfig,
+    pub prometheus: PrometheusConfig,
 }
 
 impl Default for Config {
@@ -63,6 +67,8 @@ impl Default for Config {
                 min_free_memory_mib: 1024,
             }],
             workflows: Default::default(),
+            management: ManagementConfig::default(),
+            prometheus: PrometheusConfig::default(),
         }
     }
 }
@@ -305,6 +311,8 @@ impl Config {
         self.pipeline()
             .validate()
             .and_then(|()| self.curator.validate())
+            .map_err(|e| ConfigError(format!("{origin}: {e}")))?;
+        management::validate(self.amqp.listen, &self.management, &self.prometheus)
             .map_err(|e| ConfigError(format!("{origin}: {e}")))?;
         let a = &self.amqp;
         let fail =

@@ -45,6 +45,10 @@ data_dir = {data_dir:?}
 level = "warn"
 [amqp]
 listen = "127.0.0.1:0"
+[management]
+listen = "127.0.0.1:0"
+[prometheus]
+listen = "127.0.0.1:0"
 [conductor]
 default_workflow = "demo"
 [archiver]

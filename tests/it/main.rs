@@ -12,6 +12,7 @@ mod extensions;
 mod external;
 mod gpu;
 mod handshake;
+mod mgmt;
 mod packaging;
 mod pipeline;
 mod smoke;

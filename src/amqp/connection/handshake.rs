@@ -88,6 +88,8 @@ pub(super) struct Opened {
     pub(super) frame_max: u32,
     pub(super) channel_max: u16,
     pub(super) heartbeat: u16,
+    /// What the client said about itself (shown by the management API).
+    pub(super) client_properties: amq_protocol::types::FieldTable,
 }
 
 async fn write_frames<S: AsyncWrite + Unpin>(
@@ -313,6 +315,7 @@ pub(super) async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
         frame_max: tune_ok.frame_max,
         channel_max: tune_ok.channel_max,
         heartbeat: tune_ok.heartbeat,
+        client_properties: start_ok.client_properties,
     })
 }
 

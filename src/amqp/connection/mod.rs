@@ -27,6 +27,7 @@ use super::codec::{self, CodecError, Frame};
 use super::consumer::ChannelShared;
 use super::outbound::{Outbound, WireOut};
 use super::reply::{AmqpError, ReplyCode, Scope};
+use super::stats::ConnectionInfo;
 
 /// How long we wait for `close-ok` after sending `connection.close`.
 const CLOSE_OK_TIMEOUT: Duration = Duration::from_secs(3);
@@ -82,9 +83,19 @@ where
     broker
         .connections
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let connection_id = broker.next_connection_id();
+    let info = broker.stats.register(ConnectionInfo::new(
+        connection_id,
+        Some(peer),
+        &opened.user,
+        &opened.vhost.name,
+        opened.client_properties.clone(),
+        (opened.frame_max, opened.channel_max, opened.heartbeat),
+    ));
     let (reader, mut writer) = tokio::io::split(stream);
     let out = WireOut::new(opened.frame_max as usize);
     let writer_out = out.clone();
+    let writer_info = info.clone();
     let writer_task = tokio::spawn(async move {
         let mut wbuf = BytesMut::with_capacity(64 * 1024);
         loop {
@@ -93,6 +104,9 @@ where
                     writer_out.close();
                     break;
                 }
+                writer_info
+                    .send_oct
+                    .fetch_add(wbuf.len() as u64, std::sync::atomic::Ordering::Relaxed);
                 wbuf.clear();
                 writer_out.after_flush();
             } else if writer_out.is_closed() {
@@ -107,7 +121,7 @@ where
     let mut conn = Connection {
         broker: broker.clone(),
         session: Arc::new(Session {
-            connection: broker.next_connection_id(),
+            connection: connection_id,
             user: opened.user,
             vhost: opened.vhost,
             broker: broker.clone(),
@@ -120,11 +134,13 @@ where
         published: false,
         closing: None,
         confirm_dirty: Vec::new(),
+        info,
     };
     let result = conn
         .run(reader, rbuf, opened.heartbeat, &mut shutdown)
         .await;
     conn.cleanup();
+    broker.stats.unregister(connection_id);
     broker
         .connections
         .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
@@ -199,6 +215,8 @@ struct Connection {
     closing: Option<AmqpError>,
     /// Channels that published in this input batch and may owe a confirm.
     confirm_dirty: Vec<u16>,
+    /// This connection in the broker's registry (management API).
+    info: Arc<ConnectionInfo>,
 }
 
 /// The outcome of one frame.
@@ -254,9 +272,11 @@ impl Connection {
                     }
                 }
                 read = reader.read_buf(&mut rbuf), if !paused => {
-                    if read? == 0 {
+                    let n = read?;
+                    if n == 0 {
                         return if self.closing.is_some() { Ok(()) } else { Err(ConnectionEnd::ClientClosed) };
                     }
+                    self.info.recv_oct.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
                     last_read = Instant::now();
                     if let Some(end) = self.process(&mut rbuf) {
                         return end;
@@ -270,6 +290,15 @@ impl Connection {
                         return Err(ConnectionEnd::HeartbeatTimeout(heartbeat));
                     }
                     self.out.write(|b, _| codec::encode_heartbeat(b));
+                }
+                _ = self.info.close_requested.notified(), if self.closing.is_none() => {
+                    // An operator closed it (management API), as RabbitMQ does.
+                    let e = AmqpError::new(
+                        ReplyCode::ConnectionForced,
+                        "Closed via management plugin",
+                    );
+                    self.start_close(e);
+                    close_deadline = Some(tokio::time::Instant::now() + CLOSE_OK_TIMEOUT);
                 }
                 _ = self.out.drained.notified() => {
                     for slot in self.channels.values() {
@@ -498,6 +527,7 @@ impl Connection {
                     },
                     self.caps.consumer_cancel_notify,
                 );
+                self.info.add_channel(&shared);
                 self.channels.insert(
                     id,
                     Slot::Open(Box::new(OpenChannel {

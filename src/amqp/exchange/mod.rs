@@ -164,6 +164,11 @@ impl Exchange {
         !self.bindings.read().all.is_empty()
     }
 
+    /// Every binding from this exchange, in the order made (management API).
+    pub fn bindings(&self) -> Vec<Binding> {
+        self.bindings.read().all.clone()
+    }
+
     /// Appends the destinations a message with this key and headers goes to.
     pub fn route(
         &self,
