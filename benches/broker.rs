@@ -122,7 +122,14 @@ fn start_mqic() -> (Child, String, f64, tempfile::TempDir) {
     let addr = format!("127.0.0.1:{port}");
     let t0 = Instant::now();
     let child = Command::new(env!("CARGO_BIN_EXE_mqic"))
-        .args(["serve", "--amqp-listen", &addr, "--data-dir"])
+        .args([
+            "serve",
+            "--amqp-listen",
+            &addr,
+            "--web-listen",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
         .arg(dir.path())
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())

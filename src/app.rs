@@ -30,6 +30,8 @@ pub struct App {
     pub memory: Arc<MemoryWatermark>,
     /// The case pipeline: conductor, bus and workers.
     pub pipeline: Pipeline,
+    /// Where the dashboard is bound, if enabled (`[web]`).
+    pub web_addr: Option<SocketAddr>,
     /// The configuration as started (data dir made absolute).
     pub config: Config,
     shutdown: watch::Sender<bool>,
@@ -69,6 +71,15 @@ impl App {
             None => None,
         };
 
+        let web_listener = match config.web.enabled {
+            true => Some(crate::web::bind(config.web.listen).await?),
+            false => None,
+        };
+        let web_addr = match &web_listener {
+            Some(l) => Some(l.local_addr()?),
+            None => None,
+        };
+
         let (shutdown, rx) = watch::channel(false);
         let mut tasks = JoinSet::new();
         tasks.spawn(server::run(plain, None, broker.clone(), rx.clone()));
@@ -82,7 +93,11 @@ impl App {
         }
         tasks.spawn(watermark.clone().watch(broker.clone(), rx.clone()));
         tasks.spawn(broker.clone().sweep_expired(rx.clone()));
-        let pipeline = pipeline::start(&config, &broker, &mut tasks, rx).await?;
+        let pipeline = pipeline::start(&config, &broker, &mut tasks, rx.clone()).await?;
+        if let Some(listener) = web_listener {
+            let web = crate::web::Web::new(&config, broker.clone(), pipeline.conductor.clone());
+            tasks.spawn(crate::web::run(listener, web, rx));
+        }
 
         Ok(App {
             broker,
@@ -90,6 +105,7 @@ impl App {
             amqps_addr,
             memory: watermark,
             pipeline,
+            web_addr,
             config,
             shutdown,
             tasks,
@@ -102,6 +118,9 @@ impl App {
         let mut lines = vec![format!("amqp listening on {}", self.amqp_addr)];
         if let Some(a) = self.amqps_addr {
             lines.push(format!("amqps listening on {a}"));
+        }
+        if let Some(a) = self.web_addr {
+            lines.push(format!("dashboard on {}", dashboard_url(a)));
         }
         lines
     }
@@ -118,6 +137,19 @@ impl App {
             self.tasks.abort_all();
         }
     }
+}
+
+/// The dashboard's URL for a bound address (an unspecified address is shown as loopback,
+/// where a browser on this machine reaches it).
+pub fn dashboard_url(addr: SocketAddr) -> String {
+    let mut a = addr;
+    if a.ip().is_unspecified() {
+        a.set_ip(match a {
+            SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    format!("http://{a}/")
 }
 
 /// Locks the data dir for this process: a second mqic (serve or worker) on it is refused.

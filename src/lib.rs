@@ -16,6 +16,8 @@
 //! - [`logbus`]: log lines on the `mqic.logs` exchange, by severity.
 //! - [`pipeline`]: wiring: store, recovery, bus, and every worker task.
 //! - [`demo`]: synthetic cases, MOQUI and interpreter stand-ins, the demo's progress view.
+//! - [`web`]: the dashboard (axum, assets in the binary): JSON API, live updates by SSE,
+//!   login and CSRF checks.
 
 pub mod amqp;
 pub mod app;
@@ -30,4 +32,5 @@ pub mod memory;
 pub mod pipeline;
 pub mod protocol;
 pub mod store;
+pub mod web;
 pub mod workers;

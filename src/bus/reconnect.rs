@@ -100,6 +100,7 @@ mod tests {
         let mut config = Config::embedded();
         config.data_dir = dir.to_path_buf();
         config.amqp.listen = format!("127.0.0.1:{port}").parse().unwrap();
+        config.web.listen = "127.0.0.1:0".parse().unwrap();
         config.scanner.enabled = false;
         App::start(config).await.expect("broker starts")
     }

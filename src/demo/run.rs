@@ -48,6 +48,8 @@ listen = "127.0.0.1:0"
 default_workflow = "demo"
 [archiver]
 interval_secs = 0
+[web]
+listen = "127.0.0.1:0"
 [[hosts]]
 name = "local"
 gpus = [0, 1]
@@ -108,6 +110,12 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<bool> {
         "  broker: amqp://guest:guest@{}/ (RabbitMQ clients can watch: bind a queue to mqic.events with `case.#`)",
         app.amqp_addr
     );
+    if let Some(addr) = app.web_addr {
+        println!(
+            "  dashboard: {} (watch the cases live; retry or cancel them there)",
+            crate::app::dashboard_url(addr)
+        );
+    }
     println!("  workflow: upload -> interpret -> simulate (GPU 0 or 1, simulated) -> download");
     println!("  watched folder: {}", scan_dir.display());
 

@@ -14,3 +14,4 @@ mod handshake;
 mod pipeline;
 mod smoke;
 mod topology;
+mod web;

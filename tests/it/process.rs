@@ -28,6 +28,7 @@ impl ServeProcess {
             .arg("serve")
             .arg("--amqp-listen")
             .arg("127.0.0.1:0")
+            .args(["--web-listen", "127.0.0.1:0"])
             .arg("--data-dir")
             .arg(dir.path().join("data"))
             .args(extra)

@@ -39,6 +39,7 @@ impl TestServer {
         let mut config = Config::embedded();
         config.data_dir = dir.path().join("data");
         config.amqp.listen = "127.0.0.1:0".parse().unwrap();
+        config.web.listen = "127.0.0.1:0".parse().unwrap();
         tweak(&mut config);
         let app = App::start(config).await.expect("mqic starts");
         let addr = app.amqp_addr;
