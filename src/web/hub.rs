@@ -124,7 +124,14 @@ impl Hub {
                     false
                 }
             };
-            if changed || woken || last_overview.elapsed() >= OVERVIEW_EVERY {
+            // Nobody watching: only keep the GPU samples going.
+            let watched = self.tx.receiver_count() > 0;
+            let due = if watched {
+                OVERVIEW_EVERY
+            } else {
+                GPU_SAMPLE_EVERY
+            };
+            if (watched && (changed || woken)) || last_overview.elapsed() >= due {
                 last_overview = Instant::now();
                 match self.overview(&web).await {
                     Ok(o) => {

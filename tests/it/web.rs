@@ -896,11 +896,43 @@ async fn chromium_watches_a_case_live_and_retries_a_failed_one() {
     .await;
     let case = wait_status(&store, &bad, CaseStatus::Completed).await;
     assert_eq!(case.manual_retries, 1);
+
+    // The overview, updated live: both cases completed, throughput counted, no warning.
+    cdp.eval("location.hash = '#/overview'").await;
+    cdp.until(
+        "the overview with two completed cases",
+        "document.getElementById('ov-status-legend').textContent.includes('COMPLETED 2') && \
+         document.getElementById('ov-health').textContent === 'healthy' && \
+         document.querySelectorAll('#ov-throughput rect').length > 0 && \
+         document.getElementById('ov-queues').textContent.includes('conductor_queue')",
+    )
+    .await;
+    let shot = cdp
+        .call("Page.captureScreenshot", json!({"format": "png"}))
+        .await;
+    let png = base64::engine::general_purpose::STANDARD
+        .decode(shot["data"].as_str().unwrap())
+        .unwrap();
+    let overview = screenshot_path().with_file_name("web-overview.png");
+    std::fs::write(&overview, &png).unwrap();
+    println!("screenshot: {}", overview.display());
     assert_eq!(
         cdp.eval("window.__mark").await,
         json!(42),
         "the page reloaded"
     );
-    drop(cdp);
+    assert_eq!(
+        cdp.eval("document.getElementById('banner').classList.contains('hidden')")
+            .await,
+        json!(true)
+    );
+
+    // A real loss (mqic stops): the banner comes, after its grace period.
     server.stop().await;
+    cdp.until(
+        "the reconnecting banner after mqic stopped",
+        "!document.getElementById('banner').classList.contains('hidden')",
+    )
+    .await;
+    drop(cdp);
 }
