@@ -112,8 +112,13 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<bool> {
     );
     if let Some(addr) = app.web_addr {
         println!(
-            "  dashboard: {} (watch the cases live; retry or cancel them there)",
-            crate::app::dashboard_url(addr)
+            "  dashboard: {} (watch the cases live; retry or cancel them there{})",
+            crate::app::dashboard_url(addr),
+            if args.keep {
+                ""
+            } else {
+                "; --keep keeps it open after the cases finish"
+            }
         );
     }
     println!("  workflow: upload -> interpret -> simulate (GPU 0 or 1, simulated) -> download");

@@ -748,8 +748,13 @@ async fn chromium_watches_a_case_live_and_retries_a_failed_one() {
     // Slow the simulated MOQUI down (about 4 s a run) so progress can be watched.
     let server = workflow::start(|c| {
         for step in &mut c.workflows.get_mut("demo").unwrap().steps {
-            if let Some(cmd) = &mut step.command {
-                *cmd = cmd.replace("${MQIC_DEMO_BATCH_SLEEP:-0.25}", "0.4");
+            if step.name == "simulate" {
+                // `{{`/`}}` are the template's escaped braces; the env of other tests
+                // (MQIC_DEMO_BATCH_SLEEP) must not speed this one up.
+                let cmd = step.command.as_mut().unwrap();
+                let slow = cmd.replace("${{MQIC_DEMO_BATCH_SLEEP:-0.25}}", "0.4");
+                assert_ne!(&slow, cmd, "the simulate command changed: {cmd}");
+                *cmd = slow;
             }
         }
     })
@@ -935,4 +940,75 @@ async fn chromium_watches_a_case_live_and_retries_a_failed_one() {
     )
     .await;
     drop(cdp);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqic_demo_prints_the_dashboard_url_where_its_cases_can_be_watched() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = crate::process::mqic()
+        .args(["demo", "--cases", "2", "--keep", "--data-dir"])
+        .arg(dir.path().join("demo"))
+        .env("MQIC_DEMO_BATCH_SLEEP", "0.01")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("mqic demo starts");
+    let stdout = child.stdout.take().unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let url = loop {
+        let line = next_line(&mut rx).await;
+        if let Some(rest) = line.trim().strip_prefix("dashboard: ") {
+            break rest.split_whitespace().next().unwrap().to_string();
+        }
+    };
+    assert!(url.starts_with("http://127.0.0.1:"), "{url}");
+    // Wait for the demo to finish its cases (it keeps serving), then look at them.
+    loop {
+        if next_line(&mut rx).await.starts_with("serving until Ctrl-C") {
+            break;
+        }
+    }
+    let page = reqwest::get(&url).await.unwrap();
+    assert_eq!(page.status(), 200);
+    assert!(page.text().await.unwrap().contains("/ui/static/app.js"));
+    let cases: Value = serde_json::from_str(
+        &reqwest::get(format!("{url}ui/api/cases"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    let cases = cases.as_array().unwrap();
+    assert_eq!(cases.len(), 2, "{cases:?}");
+    assert!(
+        cases.iter().all(|c| c["status"] == "COMPLETED"),
+        "{cases:?}"
+    );
+    // SAFETY: SIGINT to the child this test started.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGINT);
+    }
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "{status}");
+}
+
+async fn next_line(rx: &mut tokio::sync::mpsc::UnboundedReceiver<String>) -> String {
+    tokio::time::timeout(Duration::from_secs(60), rx.recv())
+        .await
+        .expect("a line within 60 s")
+        .expect("mqic demo keeps running")
 }
