@@ -23,14 +23,14 @@ pub async fn call(web: &Arc<Web>, method: Method, payload: Value) -> Result<Valu
         .unwrap_or_else(|e| Err(format!("internal error: {e}")))
 }
 
-/// An RPC failure as an HTTP answer: an unknown case is 404, a refused transition 409,
-/// a bad argument 400.
+/// An RPC failure as an HTTP answer: an unknown case is 404, a bad argument 400, anything
+/// else (a transition the state machine refused, a store error) 409 with the reason.
 fn failure(why: String) -> Response {
     let status = if why.starts_with("no case") {
         StatusCode::NOT_FOUND
     } else if why.starts_with("unknown status") || why.starts_with("payload") {
         StatusCode::BAD_REQUEST
-    } else if why.starts_with("internal error") || why.contains("store") {
+    } else if why.starts_with("internal error") {
         StatusCode::INTERNAL_SERVER_ERROR
     } else {
         StatusCode::CONFLICT
