@@ -125,6 +125,7 @@ fn start_mqic() -> (Child, String, f64, tempfile::TempDir) {
         .args(["serve", "--amqp-listen", &addr])
         .args(["--management-listen", "127.0.0.1:0"])
         .args(["--prometheus-listen", "127.0.0.1:0"])
+        .args(["--web-listen", "127.0.0.1:0"])
         .arg("--data-dir")
         .arg(dir.path())
         .env("RUST_LOG", "warn")

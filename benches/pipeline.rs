@@ -35,6 +35,8 @@ mode = "{mode}"
 default_workflow = "noop"
 [archiver]
 interval_secs = 0
+[web]
+listen = "127.0.0.1:0"
 [[workflows.noop.steps]]
 name = "first"
 kind = "local"

@@ -35,6 +35,8 @@ pub struct App {
     pub disk: Arc<DiskFreeLimit>,
     /// The case pipeline: conductor, bus and workers.
     pub pipeline: Pipeline,
+    /// Where the dashboard is bound, if enabled (`[web]`).
+    pub web_addr: Option<SocketAddr>,
     /// The configuration as started (data dir made absolute).
     pub config: Config,
     shutdown: watch::Sender<bool>,
@@ -77,6 +79,15 @@ impl App {
         };
         let http = crate::mgmt::bind(&config).await?;
 
+        let web_listener = match config.web.enabled {
+            true => Some(crate::web::bind(config.web.listen).await?),
+            false => None,
+        };
+        let web_addr = match &web_listener {
+            Some(l) => Some(l.local_addr()?),
+            None => None,
+        };
+
         let (shutdown, rx) = watch::channel(false);
         let mut tasks = JoinSet::new();
         tasks.spawn(server::run(plain, None, broker.clone(), rx.clone()));
@@ -101,8 +112,12 @@ impl App {
             (amqp_addr, amqps_addr),
             config.data_dir.clone(),
             &mut tasks,
-            rx,
+            rx.clone(),
         )?;
+        if let Some(listener) = web_listener {
+            let web = crate::web::Web::new(&config, broker.clone(), pipeline.conductor.clone());
+            tasks.spawn(crate::web::run(listener, web, rx));
+        }
 
         Ok(App {
             broker,
@@ -112,6 +127,7 @@ impl App {
             memory: watermark,
             disk,
             pipeline,
+            web_addr,
             config,
             shutdown,
             tasks,
@@ -133,6 +149,9 @@ impl App {
                 "prometheus metrics listening on http://{a}/metrics"
             ));
         }
+        if let Some(a) = self.web_addr {
+            lines.push(format!("dashboard on {}", dashboard_url(a)));
+        }
         lines
     }
 
@@ -148,6 +167,19 @@ impl App {
             self.tasks.abort_all();
         }
     }
+}
+
+/// The dashboard's URL for a bound address (an unspecified address is shown as loopback,
+/// where a browser on this machine reaches it).
+pub fn dashboard_url(addr: SocketAddr) -> String {
+    let mut a = addr;
+    if a.ip().is_unspecified() {
+        a.set_ip(match a {
+            SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    format!("http://{a}/")
 }
 
 /// Locks the data dir for this process: a second mqic (serve or worker) on it is refused.

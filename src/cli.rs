@@ -63,6 +63,9 @@ pub struct ServeArgs {
     /// Override `log.format`.
     #[arg(long, value_enum)]
     pub log_format: Option<LogFormat>,
+    /// Override `web.listen`, the dashboard (port 0 picks a free port).
+    #[arg(long)]
+    pub web_listen: Option<SocketAddr>,
     /// Override `scanner.dir` (the watched folder).
     #[arg(long)]
     pub scan_dir: Option<PathBuf>,
@@ -218,6 +221,9 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
             }
             if let Some(f) = args.log_format {
                 config.log.format = f;
+            }
+            if let Some(a) = args.web_listen {
+                config.web.listen = a;
             }
             if let Some(d) = args.scan_dir {
                 config.scanner.dir = d;

@@ -21,6 +21,8 @@
 //! - [`demo`]: synthetic cases, MOQUI and interpreter stand-ins, the demo's progress view.
 //! - [`mgmt`]: the RabbitMQ-compatible management HTTP API (port 15672) and Prometheus
 //!   `/metrics` (port 15692).
+//! - [`web`]: the dashboard (axum, assets in the binary): JSON API, live updates by SSE,
+//!   login and CSRF checks.
 
 pub mod amqp;
 pub mod app;
@@ -38,4 +40,5 @@ pub mod mgmt;
 pub mod pipeline;
 pub mod protocol;
 pub mod store;
+pub mod web;
 pub mod workers;

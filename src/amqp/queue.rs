@@ -609,6 +609,11 @@ impl Queue {
         self.state.lock().consumers.clone()
     }
 
+    /// Messages enqueued since the queue was declared (for publish rates on the dashboard).
+    pub fn published(&self) -> u64 {
+        self.state.lock().next_seq
+    }
+
     /// Ready, unacked, ready bytes: for the management view.
     pub fn stats(&self) -> (usize, usize, usize) {
         let st = self.state.lock();

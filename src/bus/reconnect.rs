@@ -102,6 +102,7 @@ mod tests {
         config.amqp.listen = format!("127.0.0.1:{port}").parse().unwrap();
         config.management.enabled = false;
         config.prometheus.enabled = false;
+        config.web.listen = "127.0.0.1:0".parse().unwrap();
         config.scanner.enabled = false;
         App::start(config).await.expect("broker starts")
     }

@@ -44,6 +44,7 @@ pub struct Config {
     pub workflows: std::collections::BTreeMap<String, WorkflowConfig>,
     pub management: ManagementConfig,
     pub prometheus: PrometheusConfig,
+    pub web: WebConfig,
 }
 
 impl Default for Config {
@@ -69,9 +70,43 @@ impl Default for Config {
             workflows: Default::default(),
             management: ManagementConfig::default(),
             prometheus: PrometheusConfig::default(),
+            web: WebConfig::default(),
         }
     }
 }
+
+/// `[web]`: the dashboard.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebConfig {
+    pub enabled: bool,
+    pub listen: SocketAddr,
+    /// Ask for a login even on a loopback address (always asked for elsewhere).
+    pub require_login: bool,
+    /// Hours a login lasts.
+    pub session_hours: u64,
+}
+
+impl Default for WebConfig {
+    fn default() -> Self {
+        WebConfig {
+            enabled: true,
+            listen: "127.0.0.1:8080".parse().expect("valid address"),
+            require_login: false,
+            session_hours: 12,
+        }
+    }
+}
+
+impl WebConfig {
+    /// Whether the dashboard asks for a login: bound beyond loopback, or configured so.
+    pub fn login_required(&self) -> bool {
+        self.require_login || !self.listen.ip().is_loopback()
+    }
+}
+
+/// The user tags that may log in to the dashboard (as RabbitMQ's management UI).
+pub const WEB_TAGS: &[&str] = &["administrator", "management", "monitoring", "policymaker"];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -343,6 +378,39 @@ impl Config {
                     format!(
                         "user '{}' names vhost '{v}', which is not in amqp.vhosts",
                         user.name
+                    ),
+                );
+            }
+        }
+        self.validate_web(origin)?;
+        Ok(())
+    }
+
+    fn validate_web(&self, origin: &str) -> Result<(), ConfigError> {
+        let w = &self.web;
+        let fail = |key: &str, why: String| Err(ConfigError(format!("{origin}: web.{key}: {why}")));
+        if !w.enabled {
+            return Ok(());
+        }
+        if w.session_hours == 0 || w.session_hours > 24 * 30 {
+            return fail(
+                "session_hours",
+                format!("{} is not between 1 and 720", w.session_hours),
+            );
+        }
+        if w.login_required() {
+            let loopback_only = !w.listen.ip().is_loopback();
+            let can_log_in = self.amqp.users.iter().any(|u| {
+                u.tags.iter().any(|t| WEB_TAGS.contains(&t.as_str()))
+                    && !(loopback_only && self.amqp.loopback_users.contains(&u.name))
+            });
+            if !can_log_in {
+                return fail(
+                    "listen",
+                    format!(
+                        "the dashboard on {} needs a login, but no [[amqp.users]] entry can log in there (one needs a tag among {} and, off loopback, must not be in amqp.loopback_users)",
+                        w.listen,
+                        WEB_TAGS.join(", ")
                     ),
                 );
             }

@@ -55,6 +55,8 @@ default_workflow = "demo"
 interval_secs = 0
 [workers]
 curator = false
+[web]
+listen = "127.0.0.1:0"
 [[hosts]]
 name = "local"
 gpus = [0, 1]
@@ -115,6 +117,17 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<bool> {
         "  broker: amqp://guest:guest@{}/ (RabbitMQ clients can watch: bind a queue to mqic.events with `case.#`)",
         app.amqp_addr
     );
+    if let Some(addr) = app.web_addr {
+        println!(
+            "  dashboard: {} (watch the cases live; retry or cancel them there{})",
+            crate::app::dashboard_url(addr),
+            if args.keep {
+                ""
+            } else {
+                "; --keep keeps it open after the cases finish"
+            }
+        );
+    }
     println!("  workflow: upload -> interpret -> simulate (GPU 0 or 1, simulated) -> download");
     println!("  watched folder: {}", scan_dir.display());
 

@@ -17,3 +17,4 @@ mod packaging;
 mod pipeline;
 mod smoke;
 mod topology;
+mod web;

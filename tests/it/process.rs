@@ -30,6 +30,7 @@ impl ServeProcess {
             .arg("127.0.0.1:0")
             .args(["--management-listen", "127.0.0.1:0"])
             .args(["--prometheus-listen", "127.0.0.1:0"])
+            .args(["--web-listen", "127.0.0.1:0"])
             .arg("--data-dir")
             .arg(dir.path().join("data"))
             .args(extra)

@@ -41,6 +41,7 @@ impl TestServer {
         config.amqp.listen = "127.0.0.1:0".parse().unwrap();
         config.management.listen = "127.0.0.1:0".parse().unwrap();
         config.prometheus.listen = "127.0.0.1:0".parse().unwrap();
+        config.web.listen = "127.0.0.1:0".parse().unwrap();
         tweak(&mut config);
         let app = App::start(config).await.expect("mqic starts");
         let addr = app.amqp_addr;

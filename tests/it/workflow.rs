@@ -27,6 +27,7 @@ pub fn workflow_config(data_dir: &Path) -> Config {
     mqic::demo::write_standins(&bin).unwrap();
     let mut config = mqic::demo::run::demo_config(&data_dir, &bin).unwrap();
     config.amqp.listen = "127.0.0.1:0".parse().unwrap();
+    config.web.listen = "127.0.0.1:0".parse().unwrap();
     for step in &mut config.workflows.get_mut("demo").unwrap().steps {
         step.retry.backoff_initial_secs = 0.2;
         step.retry.backoff_max_secs = 1.0;
