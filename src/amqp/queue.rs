@@ -11,6 +11,14 @@ use parking_lot::Mutex;
 use super::consumer::{ConnectionId, Consumer};
 use super::message::Message;
 use super::reply::{AmqpError, AmqpResult, ReplyCode};
+use super::store::{BrokerStore, Op, StoredMessage};
+
+/// Where a durable queue keeps its persistent messages: `broker.redb` under this queue id.
+#[derive(Debug, Clone)]
+pub struct Persist {
+    pub store: Arc<BrokerStore>,
+    pub id: u64,
+}
 
 /// The declared shape of a queue, compared on redeclare.
 #[derive(Debug, Clone, PartialEq)]
@@ -109,6 +117,8 @@ pub struct Queue {
     pub owner: Option<ConnectionId>,
     /// The behaviour-changing arguments, parsed from `spec.arguments`.
     pub args: QueueArgs,
+    /// Set for a durable queue of a broker with a store: persistent messages are written.
+    pub persist: Option<Persist>,
     state: Mutex<QueueState>,
 }
 
@@ -135,14 +145,95 @@ const KNOWN_ARGUMENTS: &[&str] = &[
 impl Queue {
     /// A queue whose arguments passed [`Queue::validate_arguments`].
     pub fn new(spec: QueueSpec, vhost: String, owner: Option<ConnectionId>) -> Arc<Queue> {
+        Queue::with_store(spec, vhost, owner, None)
+    }
+
+    /// A queue whose persistent messages go to `persist` (a durable queue).
+    pub fn with_store(
+        spec: QueueSpec,
+        vhost: String,
+        owner: Option<ConnectionId>,
+        persist: Option<Persist>,
+    ) -> Arc<Queue> {
         let args = Queue::parse_arguments(&spec.arguments, &spec.name, &vhost).unwrap_or_default();
         Arc::new(Queue {
             spec,
             vhost,
             owner,
             args,
+            persist,
             state: Mutex::new(QueueState::default()),
         })
+    }
+
+    /// Whether `message` is written to the store when it enters this queue.
+    pub fn persists(&self, message: &Message) -> bool {
+        self.persist.is_some() && message.is_persistent()
+    }
+
+    /// Tells the store that `m` left the queue for good.
+    fn forget(&self, m: &QueuedMessage) {
+        if let Some(p) = &self.persist {
+            if m.message.is_persistent() {
+                p.store.submit(Op::Remove {
+                    queue: p.id,
+                    seq: m.seq,
+                });
+            }
+        }
+    }
+
+    /// Tells the store that `m` was delivered (it comes back `redelivered` after a restart).
+    fn mark_delivered(&self, m: &QueuedMessage) {
+        if let Some(p) = &self.persist {
+            if m.message.is_persistent() && !m.redelivered {
+                p.store.submit(Op::Delivered {
+                    queue: p.id,
+                    seq: m.seq,
+                });
+            }
+        }
+    }
+
+    /// Puts a message read back from the store at boot in its place.
+    pub fn restore(&self, stored: StoredMessage) {
+        let mut st = self.state.lock();
+        let size = stored.message.size();
+        st.next_seq = st.next_seq.max(stored.seq + 1);
+        st.ready_bytes += size;
+        let message = Arc::new(stored.message);
+        let ttl = match (self.args.message_ttl, message.expiration_ms) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        // The time already spent in the queue before the restart counts.
+        let waited = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0)
+            .saturating_sub(stored.enqueued_ms);
+        let queued = QueuedMessage {
+            message,
+            redelivered: stored.redelivered,
+            seq: stored.seq,
+            expires_at: ttl
+                .map(|ms| Instant::now() + Duration::from_millis(ms.saturating_sub(waited))),
+        };
+        self.insert_ready(&mut st, queued);
+    }
+
+    fn insert_ready(&self, st: &mut QueueState, queued: QueuedMessage) {
+        match self.args.max_priority {
+            None => st.ready.push_back(queued),
+            Some(max) => {
+                // Higher priorities first, arrival order within one priority.
+                let p = queued.message.priority.min(max);
+                let at = st
+                    .ready
+                    .partition_point(|m| m.message.priority.min(max) >= p);
+                st.ready.insert(at, queued);
+            }
+        }
     }
 
     pub fn name(&self) -> &str {
@@ -259,23 +350,23 @@ impl Queue {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
+        if let Some(p) = &self.persist {
+            // Under the queue lock, so the store hears of it before any delivery or ack.
+            if message.is_persistent() {
+                p.store.submit(Op::Publish {
+                    queue: p.id,
+                    seq,
+                    message: message.clone(),
+                });
+            }
+        }
         let queued = QueuedMessage {
             message,
             redelivered: false,
             seq,
             expires_at: ttl.map(|ms| Instant::now() + Duration::from_millis(ms)),
         };
-        match self.args.max_priority {
-            None => st.ready.push_back(queued),
-            Some(max) => {
-                // Higher priorities first, arrival order within one priority.
-                let p = queued.message.priority.min(max);
-                let at = st
-                    .ready
-                    .partition_point(|m| m.message.priority.min(max) >= p);
-                st.ready.insert(at, queued);
-            }
-        }
+        self.insert_ready(&mut st, queued);
         self.dispatch_locked(&mut st);
         // A TTL of 0 means: delivered at once or expired.
         self.expire_head(&mut st, Instant::now());
@@ -293,6 +384,7 @@ impl Queue {
         {
             let m = st.ready.pop_front().expect("checked");
             st.ready_bytes -= m.message.size();
+            self.forget(&m);
             st.expired.push(m.message);
         }
     }
@@ -337,6 +429,7 @@ impl Queue {
             };
             st.ready_bytes -= dropped.message.size();
             st.dropped += 1;
+            self.forget(&dropped);
             out.push(dropped.message);
         }
         out
@@ -361,8 +454,16 @@ impl Queue {
             let consumer = st.consumers[i].clone();
             let message = st.ready.pop_front().expect("checked non-empty");
             let size = message.message.size();
+            let stored = self.persist.is_some().then(|| message.clone());
             match consumer.channel.deliver(&consumer, self, message) {
                 Ok(()) => {
+                    if let Some(m) = stored {
+                        if consumer.no_ack {
+                            self.forget(&m);
+                        } else {
+                            self.mark_delivered(&m);
+                        }
+                    }
                     st.ready_bytes -= size;
                     if !consumer.no_ack {
                         st.unacked += 1;
@@ -385,16 +486,25 @@ impl Queue {
         debug_assert!(!self.args.single_active_consumer, "checked by the channel");
         let message = st.ready.pop_front()?;
         st.ready_bytes -= message.message.size();
-        if !no_ack {
+        if no_ack {
+            self.forget(&message);
+        } else {
+            self.mark_delivered(&message);
             st.unacked += 1;
         }
         Some((message, st.ready.len() as u32))
     }
 
     /// Acknowledged messages leave the queue for good.
-    pub fn acked(&self, count: usize) {
+    pub fn acked(&self, messages: &[QueuedMessage]) {
         let mut st = self.state.lock();
-        st.unacked = st.unacked.saturating_sub(count);
+        st.unacked = st.unacked.saturating_sub(messages.len());
+        if st.deleted {
+            return; // the store dropped the whole queue
+        }
+        for m in messages {
+            self.forget(m);
+        }
     }
 
     /// Puts delivered messages back, in their original order, marked redelivered.
@@ -467,7 +577,9 @@ impl Queue {
     pub fn purge(&self) -> u32 {
         let mut st = self.state.lock();
         let n = st.ready.len() as u32;
-        st.ready.clear();
+        for m in std::mem::take(&mut st.ready) {
+            self.forget(&m);
+        }
         st.ready_bytes = 0;
         n
     }
