@@ -19,7 +19,7 @@
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use amq_protocol::frame::WriteContext;
@@ -32,7 +32,10 @@ use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinitio
 
 use super::exchange::{ExchangeKind, ExchangeSpec};
 use super::message::Message;
-use super::queue::QueueSpec;
+use super::queue::{Queue, QueueSpec};
+
+/// redb's page cache: small, so memory stays bounded however much the queues hold.
+const CACHE_BYTES: usize = 16 * 1024 * 1024;
 
 /// The schema this mqic writes. Bump it with a migration in [`migrate`] and a fixture test.
 pub const SCHEMA_VERSION: u64 = 1;
@@ -96,6 +99,9 @@ pub enum Op {
         queue: u64,
         seq: u64,
         message: Arc<Message>,
+        /// A queue keeping only an index entry for this message: told once it is on disk,
+        /// so it can drop the body from memory.
+        paged: Option<Weak<Queue>>,
     },
     /// It left for good (acked, dropped, expired, purged, dead-lettered).
     Remove {
@@ -205,7 +211,10 @@ impl BrokerStore {
             path: path.to_path_buf(),
             source: e,
         };
-        let db = Database::create(path).map_err(|e| err(e.into()))?;
+        let db = Database::builder()
+            .set_cache_size(CACHE_BYTES)
+            .create(path)
+            .map_err(|e| err(e.into()))?;
         let next = migrate(&db, path)?;
         let store = BrokerStore {
             path: path.to_path_buf(),
@@ -334,6 +343,25 @@ impl BrokerStore {
         Ok(())
     }
 
+    /// The stored messages of queue `id` with seqs in `from..=to`, in order (paging in).
+    pub fn load(&self, id: u64, from: u64, to: u64) -> Result<Vec<(u64, Message)>> {
+        let e = self.err();
+        let txn = self.db.begin_read().map_err(|x| e(x.into()))?;
+        let messages = txn.open_table(MESSAGES).map_err(|x| e(x.into()))?;
+        let mut out = Vec::new();
+        for row in messages
+            .range((id, from)..=(id, to))
+            .map_err(|x| e(x.into()))?
+        {
+            let (k, v) = row.map_err(|x| e(x.into()))?;
+            let seq = k.value().1;
+            let (message, _) = decode_message(v.value())
+                .ok_or_else(|| self.corrupt("messages", format!("queue {id} seq {seq}")))?;
+            out.push((seq, message));
+        }
+        Ok(out)
+    }
+
     /// The id of durable queue `name` in `vhost`: the stored one, or a new one.
     pub fn queue_id(&self, vhost: &str, name: &str) -> u64 {
         *self
@@ -399,6 +427,13 @@ impl BrokerStore {
         if let Some(h) = self.writer.lock().take() {
             let _ = h.join();
         }
+    }
+}
+
+impl Drop for BrokerStore {
+    /// A store dropped without [`BrokerStore::close`] still commits what is pending.
+    fn drop(&mut self) {
+        self.close();
     }
 }
 
@@ -478,9 +513,25 @@ fn writer(db: Arc<Database>, shared: Arc<Shared>, path: PathBuf) {
                 }
             };
             shared.commits.fetch_add(1, Ordering::Relaxed);
+            // Paging queues may now drop the bodies of what this commit wrote.
+            let mut written: Vec<(Weak<Queue>, u64)> = Vec::new();
             for op in ops.drain(..) {
-                if let Op::Barrier(f) = op {
-                    f(ok);
+                match op {
+                    Op::Barrier(f) => f(ok),
+                    Op::Publish {
+                        seq,
+                        paged: Some(q),
+                        ..
+                    } if ok => match written.iter_mut().find(|(w, _)| w.ptr_eq(&q)) {
+                        Some((_, max)) => *max = (*max).max(seq),
+                        None => written.push((q, seq)),
+                    },
+                    _ => {}
+                }
+            }
+            for (q, seq) in written {
+                if let Some(q) = q.upgrade() {
+                    q.committed(seq);
                 }
             }
         }
@@ -523,6 +574,7 @@ fn apply(db: &Database, ops: &[Op]) -> std::result::Result<(), redb::Error> {
                     queue,
                     seq,
                     message,
+                    ..
                 } => {
                     if cancelled.contains(&(*queue, *seq)) {
                         continue;
@@ -858,16 +910,19 @@ mod tests {
             Op::Publish {
                 queue: id,
                 seq: 0,
+                paged: None,
                 message: msg("m0"),
             },
             Op::Publish {
                 queue: id,
                 seq: 1,
+                paged: None,
                 message: msg("m1"),
             },
             Op::Publish {
                 queue: id,
                 seq: 2,
+                paged: None,
                 message: msg("m2"),
             },
             Op::Delivered { queue: id, seq: 1 },
@@ -907,6 +962,7 @@ mod tests {
             Op::Publish {
                 queue: 7,
                 seq: 0,
+                paged: None,
                 message: msg("a"),
             },
             Op::Delivered { queue: 7, seq: 0 },
@@ -914,6 +970,7 @@ mod tests {
             Op::Publish {
                 queue: 7,
                 seq: 1,
+                paged: None,
                 message: msg("b"),
             },
         ]);
@@ -944,6 +1001,7 @@ mod tests {
             Op::Publish {
                 queue: id,
                 seq: 0,
+                paged: None,
                 message: msg("a"),
             },
         ]);
@@ -970,6 +1028,7 @@ mod tests {
                 queue: 1,
                 seq,
                 message: msg("x"),
+                paged: None,
             });
             if seq % 100 == 99 {
                 let tx = tx.clone();
@@ -985,6 +1044,80 @@ mod tests {
         assert_eq!(messages(&store, 1).len(), 1000);
         assert!(store.commits() <= 1000);
         store.close();
+    }
+
+    /// The first-version fixture: `MQIC_WRITE_FIXTURE=1 cargo test --lib amqp::store::tests::v1`
+    /// regenerates it through the broker (only ever for version 1). Every later mqic must open
+    /// it and find its durable exchange, queue, binding and messages.
+    #[test]
+    fn v1_fixture_opens_with_its_topology_and_messages() {
+        use crate::amqp::{auth::Users, Broker, Limits, LocalConnection};
+        let fixture =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/broker-store-v1.redb");
+        let vhosts = ["/".to_string()];
+        let mut args = FieldTable::default();
+        args.insert("x-max-length".into(), AMQPValue::LongLongInt(1000));
+        if std::env::var_os("MQIC_WRITE_FIXTURE").is_some() {
+            assert_eq!(
+                SCHEMA_VERSION, 1,
+                "the v1 fixture is written by schema 1 only"
+            );
+            let _ = std::fs::remove_file(&fixture);
+            let broker =
+                Broker::open(Limits::default(), Users::default(), &vhosts, &fixture).unwrap();
+            let mut conn = LocalConnection::open(&broker, "/", "guest").unwrap();
+            let mut ch = conn.channel();
+            ch.exchange_declare("fx", "topic", true, false, false, FieldTable::default())
+                .unwrap();
+            ch.queue_declare("fq", true, false, false, args.clone())
+                .unwrap();
+            ch.queue_bind("fq", "fx", "f.#", FieldTable::default())
+                .unwrap();
+            for n in 0..3 {
+                let m = msg(&format!("fixture-{n}"));
+                ch.publish("fx", "f.a", false, &m.decoded_properties(), m.body.clone())
+                    .unwrap();
+            }
+            // The first one delivered and not acked: it comes back redelivered.
+            ch.get("fq", false).unwrap().expect("a message");
+            broker.close_store();
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let copy = dir.path().join("broker.redb");
+        std::fs::copy(&fixture, &copy).expect("tests/fixtures/broker-store-v1.redb exists");
+        let broker = Broker::open(Limits::default(), Users::default(), &vhosts, &copy).unwrap();
+        assert_eq!(
+            broker.store.as_ref().unwrap().schema_version().unwrap(),
+            SCHEMA_VERSION
+        );
+        let vhost = broker.vhost("/").unwrap();
+        let x = vhost.exchange("fx").expect("the durable exchange");
+        assert_eq!(x.spec.kind, ExchangeKind::Topic);
+        let q = vhost.queue("fq").expect("the durable queue");
+        assert_eq!(q.spec.arguments, args, "with its arguments");
+        assert_eq!(q.args.max_length, Some(1000));
+        let routed = vhost.route("fx", "f.b", None).unwrap();
+        assert_eq!(routed.len(), 1, "the binding is back");
+        let mut conn = LocalConnection::open(&broker, "/", "guest").unwrap();
+        let mut ch = conn.channel();
+        let got: Vec<(String, bool)> = (0..3)
+            .map(|_| {
+                let g = ch.get("fq", true).unwrap().expect("a stored message");
+                (
+                    String::from_utf8(g.message.body.to_vec()).unwrap(),
+                    g.redelivered,
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("fixture-0".to_string(), true),
+                ("fixture-1".to_string(), false),
+                ("fixture-2".to_string(), false)
+            ]
+        );
+        broker.close_store();
     }
 
     #[test]

@@ -25,7 +25,6 @@ use lapin::{BasicProperties, Confirmation};
 use rand::Rng;
 
 use crate::process::mqic;
-use crate::support::within;
 
 /// A `mqic serve` on a data dir that outlives it.
 struct Server {
@@ -175,15 +174,42 @@ async fn try_durable_queue(
     Ok((ch, declared.message_count()))
 }
 
+/// Awaits `fut` for at most 5 s. A client call may only hang once the broker is gone
+/// (`dead` is set when the test kills it); a hang while it runs fails the test.
+async fn bounded<T>(
+    dead: &AtomicBool,
+    what: &str,
+    fut: impl std::future::Future<Output = T>,
+) -> Option<T> {
+    match tokio::time::timeout(Duration::from_secs(5), fut).await {
+        Ok(v) => Some(v),
+        Err(_) => {
+            assert!(
+                dead.load(Ordering::SeqCst),
+                "{what} hung for 5 s while the broker was running"
+            );
+            None
+        }
+    }
+}
+
 /// Publishes messages `from..` persistently to queue `q` with confirms (window 256) until
 /// `stop` is set or the connection fails; returns the confirmed numbers, in order.
-async fn publish_load(ch: lapin::Channel, q: String, from: u64, stop: Arc<AtomicBool>) -> Vec<u64> {
+async fn publish_load(
+    ch: lapin::Channel,
+    q: String,
+    from: u64,
+    stop: Arc<AtomicBool>,
+    dead: Arc<AtomicBool>,
+) -> Vec<u64> {
     let mut confirmed = Vec::new();
-    if ch
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .is_err()
-    {
+    let selected = bounded(
+        &dead,
+        "confirm.select",
+        ch.confirm_select(ConfirmSelectOptions::default()),
+    )
+    .await;
+    if !matches!(selected, Some(Ok(()))) {
         return confirmed;
     }
     let mut window = VecDeque::new();
@@ -191,30 +217,35 @@ async fn publish_load(ch: lapin::Channel, q: String, from: u64, stop: Arc<Atomic
     loop {
         while window.len() >= 256 || (stop.load(Ordering::Relaxed) && !window.is_empty()) {
             let (m, confirm) = window.pop_front().unwrap();
-            match confirm.await {
-                Ok(Confirmation::Ack(_)) => confirmed.push(m),
-                Ok(other) => panic!("message {m}: unexpected confirm {other:?}"),
-                Err(_) => return confirmed,
+            match bounded(&dead, "a publisher confirm", confirm).await {
+                Some(Ok(Confirmation::Ack(_))) => confirmed.push(m),
+                Some(Ok(other)) => panic!("message {m}: unexpected confirm {other:?}"),
+                Some(Err(_)) | None => return confirmed,
             }
         }
         if stop.load(Ordering::Relaxed) {
             return confirmed;
         }
-        let published = ch
-            .basic_publish(
+        let published = bounded(
+            &dead,
+            "basic.publish",
+            ch.basic_publish(
                 "".into(),
                 q.as_str().into(),
                 BasicPublishOptions::default(),
                 &body(n),
                 properties(n),
-            )
-            .await;
+            ),
+        )
+        .await;
         match published {
-            Ok(confirm) => window.push_back((n, confirm)),
-            Err(_) => {
+            Some(Ok(confirm)) => window.push_back((n, confirm)),
+            Some(Err(_)) | None => {
                 // The connection is gone; what was confirmed before still counts.
                 while let Some((m, confirm)) = window.pop_front() {
-                    if let Ok(Confirmation::Ack(_)) = confirm.await {
+                    if let Some(Ok(Confirmation::Ack(_))) =
+                        bounded(&dead, "a publisher confirm", confirm).await
+                    {
                         confirmed.push(m);
                     }
                 }
@@ -233,37 +264,46 @@ struct Seen {
 }
 
 /// Consumes `count` messages from `q` on a channel of its own (acking each), checking every
-/// one; returns them in delivery order. Stops early (returning what it has) if the
-/// connection goes away.
+/// one; returns them in delivery order.
 async fn drain(conn: &lapin::Connection, q: &str, count: u32) -> Vec<Seen> {
+    drain_until(conn, q, count, &AtomicBool::new(false)).await
+}
+
+/// [`drain`] from a broker the test may kill meanwhile (`dead`): stops early, returning what
+/// it has, when the connection goes away.
+async fn drain_until(
+    conn: &lapin::Connection,
+    q: &str,
+    count: u32,
+    dead: &AtomicBool,
+) -> Vec<Seen> {
     let mut seen = Vec::new();
     if count == 0 {
         return seen;
     }
-    let Ok(ch) = conn.create_channel().await else {
+    let Some(Ok(ch)) = bounded(dead, "channel.open", conn.create_channel()).await else {
         return seen;
     };
-    if ch
-        .basic_qos(1000, BasicQosOptions::default())
-        .await
-        .is_err()
-    {
+    let qos = bounded(
+        dead,
+        "basic.qos",
+        ch.basic_qos(1000, BasicQosOptions::default()),
+    )
+    .await;
+    if !matches!(qos, Some(Ok(()))) {
         return seen;
     }
-    let Ok(mut consumer) = ch
-        .basic_consume(
-            q.into(),
-            "drain".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-    else {
+    let consume = ch.basic_consume(
+        q.into(),
+        "drain".into(),
+        BasicConsumeOptions::default(),
+        FieldTable::default(),
+    );
+    let Some(Ok(mut consumer)) = bounded(dead, "basic.consume", consume).await else {
         return seen;
     };
     while seen.len() < count as usize {
-        let Ok(Some(Ok(d))) = tokio::time::timeout(Duration::from_secs(10), consumer.next()).await
-        else {
+        let Some(Some(Ok(d))) = bounded(dead, "a delivery", consumer.next()).await else {
             break;
         };
         let n = check(&d.properties, &d.data);
@@ -271,11 +311,12 @@ async fn drain(conn: &lapin::Connection, q: &str, count: u32) -> Vec<Seen> {
             n,
             redelivered: d.redelivered,
         });
-        if d.ack(BasicAckOptions::default()).await.is_err() {
+        let acked = bounded(dead, "basic.ack", d.ack(BasicAckOptions::default())).await;
+        if !matches!(acked, Some(Ok(_))) {
             break;
         }
     }
-    let _ = ch.close(200, "drained".into()).await;
+    let _ = bounded(dead, "channel.close", ch.close(200, "drained".into())).await;
     seen
 }
 
@@ -300,9 +341,17 @@ async fn sigterm_mid_load_keeps_every_confirmed_message_once_in_order_intact() {
     let conn = server.connect().await;
     let (ch, _) = durable_queue(&conn, "durable-load").await;
     let stop = Arc::new(AtomicBool::new(false));
-    let load = tokio::spawn(publish_load(ch, "durable-load".into(), 0, stop.clone()));
+    let dead = Arc::new(AtomicBool::new(false));
+    let load = tokio::spawn(publish_load(
+        ch,
+        "durable-load".into(),
+        0,
+        stop.clone(),
+        dead.clone(),
+    ));
     // Let the load run until a good number of messages are confirmed, then stop the broker.
     tokio::time::sleep(Duration::from_millis(400)).await;
+    dead.store(true, Ordering::SeqCst);
     let server_status = tokio::task::spawn_blocking(move || server.stop("TERM"))
         .await
         .unwrap();
@@ -310,7 +359,7 @@ async fn sigterm_mid_load_keeps_every_confirmed_message_once_in_order_intact() {
         server_status.success(),
         "SIGTERM is a clean exit: {server_status}"
     );
-    let confirmed = within("the publisher to notice", load).await.unwrap();
+    let confirmed = load.await.unwrap();
     assert!(!confirmed.is_empty(), "some messages were confirmed");
 
     let server = Server::start(&data);
@@ -347,14 +396,18 @@ async fn sigkill_at_random_points_in_20_cycles_never_loses_a_confirmed_message()
         let kill_after = Duration::from_millis(rng.random_range(20..350));
         let conn = server.connect().await;
         let (_ch, count) = durable_queue(&conn, q).await;
+        let dead = Arc::new(AtomicBool::new(false));
+        let flag = dead.clone();
         let killer = tokio::spawn(async move {
             tokio::time::sleep(kill_after).await;
+            // Set first: from here on a client call may hang.
+            flag.store(true, Ordering::SeqCst);
             tokio::task::spawn_blocking(move || server.stop("KILL"))
                 .await
                 .unwrap()
         });
         // Drain what the last cycles left (racing the kill), then publish until killed.
-        let seen = drain(&conn, q, count).await;
+        let seen = drain_until(&conn, q, count, &dead).await;
         assert_in_order(&seen);
         let complete = seen.len() == count as usize;
         for s in &seen {
@@ -379,9 +432,9 @@ async fn sigkill_at_random_points_in_20_cycles_never_loses_a_confirmed_message()
         }
         let drained: Vec<u64> = seen.iter().map(|s| s.n).collect();
         let stop = Arc::new(AtomicBool::new(false));
-        let confirmed = match try_durable_queue(&conn, q).await {
-            Ok((pch, _)) => publish_load(pch, q.into(), next, stop).await,
-            Err(_) => Vec::new(),
+        let confirmed = match bounded(&dead, "queue.declare", try_durable_queue(&conn, q)).await {
+            Some(Ok((pch, _))) => publish_load(pch, q.into(), next, stop, dead.clone()).await,
+            _ => Vec::new(),
         };
         killer.await.unwrap();
         if confirmed.is_empty() {
