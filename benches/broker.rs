@@ -64,8 +64,10 @@ fn main() {
 
     let mqic = rt.block_on(measure(&url, secs));
     print_figures("mqic", &mqic);
-    let mqic_persistent = rt.block_on(persistent_confirms(&url, secs));
-    print_persistent("mqic", mqic_persistent);
+    let mqic_persistent = rt.block_on(persistent_confirms(&url, secs, 1));
+    print_persistent("mqic", mqic_persistent, 1);
+    let mqic_persistent2 = rt.block_on(persistent_confirms(&url, secs, 2));
+    print_persistent("mqic", mqic_persistent2, 2);
     let _ = Command::new("kill").arg(child.id().to_string()).status();
     let _ = child.wait();
     drop(dir);
@@ -92,11 +94,14 @@ fn main() {
         }
         let rabbit = rt.block_on(measure(&rabbit_url, secs));
         print_figures("RabbitMQ", &rabbit);
-        let rabbit_persistent = rt.block_on(persistent_confirms(&rabbit_url, secs));
-        print_persistent("RabbitMQ", rabbit_persistent);
+        let rabbit_persistent = rt.block_on(persistent_confirms(&rabbit_url, secs, 1));
+        print_persistent("RabbitMQ", rabbit_persistent, 1);
+        let rabbit_persistent2 = rt.block_on(persistent_confirms(&rabbit_url, secs, 2));
+        print_persistent("RabbitMQ", rabbit_persistent2, 2);
         println!(
-            "ratio persistent confirmed throughput mqic/RabbitMQ: {:.2}x (target >= 3x)",
-            mqic_persistent / rabbit_persistent
+            "ratio persistent confirmed throughput mqic/RabbitMQ: 1 publisher {:.2}x, 2 publishers {:.2}x (target >= 3x)",
+            mqic_persistent / rabbit_persistent,
+            mqic_persistent2 / rabbit_persistent2
         );
         println!(
             "ratio transient throughput mqic/RabbitMQ: {:.2}x (target >= 4x)",
@@ -116,9 +121,9 @@ fn main() {
     println!("targets: idle RSS <= 13 MB, start to accepting <= 50 ms, RSS with 1M persistent messages queued <= 150 MB");
 }
 
-fn print_persistent(name: &str, rate: f64) {
+fn print_persistent(name: &str, rate: f64, publishers: usize) {
     println!(
-        "{name} persistent throughput: {rate:.0} msg/s confirmed (durable queue, delivery_mode 2, {BODY} B, 1 publisher, confirm window {CONFIRM_WINDOW})"
+        "{name} persistent throughput: {rate:.0} msg/s confirmed (durable queue, delivery_mode 2, {BODY} B, {publishers} publisher(s) on their own connections, confirm window {CONFIRM_WINDOW} each)"
     );
 }
 
@@ -180,35 +185,47 @@ async fn declare_durable(ch: &lapin::Channel, queue: &str) -> u32 {
     .message_count()
 }
 
-/// Confirmed persistent messages per second over `secs` (after 1 s of warm-up).
-async fn persistent_confirms(url: &str, secs: u64) -> f64 {
+/// Confirmed persistent messages per second over `secs` (after 1 s of warm-up), from
+/// `publishers` publishers on their own connections.
+async fn persistent_confirms(url: &str, secs: u64, publishers: usize) -> f64 {
     let queue = format!("bench-persistent-{}", std::process::id());
-    let conn = connect(url).await;
-    let ch = conn.create_channel().await.unwrap();
+    let setup = connect(url).await;
+    let ch = setup.create_channel().await.unwrap();
     declare_durable(&ch, &queue).await;
     let stop = Arc::new(AtomicBool::new(false));
-    let (ch2, queue2, stop2) = (ch.clone(), queue.clone(), stop.clone());
-    let publisher = tokio::spawn(async move {
-        // Warm-up: one second's worth, uncounted.
-        let warm = Arc::new(AtomicBool::new(false));
-        let w = warm.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            w.store(true, Ordering::Relaxed);
-        });
-        publish_confirmed(&ch2, &queue2, u64::MAX, warm).await;
-        let t0 = Instant::now();
-        let n = publish_confirmed(&ch2, &queue2, u64::MAX, stop2).await;
-        n as f64 / t0.elapsed().as_secs_f64()
-    });
+    let mut tasks = Vec::new();
+    let mut conns = Vec::new();
+    for _ in 0..publishers {
+        let conn = connect(url).await;
+        let pch = conn.create_channel().await.unwrap();
+        conns.push(conn);
+        let (queue, stop) = (queue.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            // Warm-up: one second's worth, uncounted.
+            let warm = Arc::new(AtomicBool::new(false));
+            let w = warm.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                w.store(true, Ordering::Relaxed);
+            });
+            publish_confirmed(&pch, &queue, u64::MAX, warm).await;
+            let t0 = Instant::now();
+            let n = publish_confirmed(&pch, &queue, u64::MAX, stop).await;
+            n as f64 / t0.elapsed().as_secs_f64()
+        }));
+    }
     tokio::time::sleep(Duration::from_secs(1 + secs)).await;
     stop.store(true, Ordering::Relaxed);
-    let rate = publisher.await.unwrap();
-    let purge = conn.create_channel().await.unwrap();
-    let _ = purge
+    let mut rate = 0.0;
+    for t in tasks {
+        rate += t.await.unwrap();
+    }
+    let _ = ch
         .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
         .await;
-    let _ = conn.close(200, "done".into()).await;
+    for conn in conns.iter().chain([&setup]) {
+        let _ = conn.close(200, "done".into()).await;
+    }
     rate
 }
 

@@ -157,11 +157,13 @@ impl Broker {
                 );
             }
         }
-        tracing::info!(
-            messages,
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            "broker store recovered"
-        );
+        if messages > 0 {
+            tracing::info!(
+                messages,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "broker store recovered"
+            );
+        }
         Ok(())
     }
 

@@ -59,6 +59,8 @@ pub enum BrokerStoreError {
     Redb { path: PathBuf, source: redb::Error },
     #[error("broker store {path} has schema version {found}, newer than this mqic ({SCHEMA_VERSION}); upgrade mqic")]
     TooNew { path: PathBuf, found: u64 },
+    #[error("broker store {path} is closed")]
+    Closed { path: PathBuf },
     #[error("broker store {path}: record in {table} is not readable: {reason}")]
     Corrupt {
         path: PathBuf,
@@ -180,7 +182,8 @@ struct Shared {
 /// The broker's store and its writer thread.
 pub struct BrokerStore {
     path: PathBuf,
-    db: Arc<Database>,
+    /// `None` once closed: the file is released for the next owner.
+    db: Mutex<Option<Arc<Database>>>,
     shared: Arc<Shared>,
     /// Durable queue ids by (vhost, name); ids are never reused.
     queue_ids: Mutex<HashMap<(String, String), u64>>,
@@ -218,7 +221,7 @@ impl BrokerStore {
         let next = migrate(&db, path)?;
         let store = BrokerStore {
             path: path.to_path_buf(),
-            db: Arc::new(db),
+            db: Mutex::new(Some(Arc::new(db))),
             shared: Arc::new(Shared {
                 pending: Mutex::new(Pending::default()),
                 wake: Condvar::new(),
@@ -228,7 +231,7 @@ impl BrokerStore {
             next_queue_id: AtomicU64::new(next),
             writer: Mutex::new(None),
         };
-        let db = store.db.clone();
+        let db = store.open_db()?;
         let shared = store.shared.clone();
         let path_owned = store.path.clone();
         let handle = std::thread::Builder::new()
@@ -241,6 +244,15 @@ impl BrokerStore {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    fn open_db(&self) -> Result<Arc<Database>> {
+        self.db
+            .lock()
+            .clone()
+            .ok_or_else(|| BrokerStoreError::Closed {
+                path: self.path.clone(),
+            })
     }
 
     fn err(&self) -> impl Fn(redb::Error) -> BrokerStoreError + '_ {
@@ -261,7 +273,7 @@ impl BrokerStore {
     /// The schema version recorded in the file.
     pub fn schema_version(&self) -> Result<u64> {
         let e = self.err();
-        let txn = self.db.begin_read().map_err(|x| e(x.into()))?;
+        let txn = self.open_db()?.begin_read().map_err(|x| e(x.into()))?;
         let meta = txn.open_table(META).map_err(|x| e(x.into()))?;
         let v = meta
             .get("schema_version")
@@ -273,7 +285,7 @@ impl BrokerStore {
     /// Reads the durable topology, and remembers the queue ids for [`BrokerStore::queue_id`].
     pub fn topology(&self) -> Result<Topology> {
         let e = self.err();
-        let txn = self.db.begin_read().map_err(|x| e(x.into()))?;
+        let txn = self.open_db()?.begin_read().map_err(|x| e(x.into()))?;
         let mut out = Topology::default();
         {
             let t = txn.open_table(EXCHANGES).map_err(|x| e(x.into()))?;
@@ -314,7 +326,7 @@ impl BrokerStore {
     /// Calls `f` with every stored message of queue `id`, in seq order.
     pub fn for_each_message(&self, id: u64, mut f: impl FnMut(StoredMessage)) -> Result<()> {
         let e = self.err();
-        let txn = self.db.begin_read().map_err(|x| e(x.into()))?;
+        let txn = self.open_db()?.begin_read().map_err(|x| e(x.into()))?;
         let messages = txn.open_table(MESSAGES).map_err(|x| e(x.into()))?;
         let delivered = txn.open_table(DELIVERED).map_err(|x| e(x.into()))?;
         let mut marks = HashSet::new();
@@ -346,7 +358,7 @@ impl BrokerStore {
     /// The stored messages of queue `id` with seqs in `from..=to`, in order (paging in).
     pub fn load(&self, id: u64, from: u64, to: u64) -> Result<Vec<(u64, Message)>> {
         let e = self.err();
-        let txn = self.db.begin_read().map_err(|x| e(x.into()))?;
+        let txn = self.open_db()?.begin_read().map_err(|x| e(x.into()))?;
         let messages = txn.open_table(MESSAGES).map_err(|x| e(x.into()))?;
         let mut out = Vec::new();
         for row in messages
@@ -427,6 +439,8 @@ impl BrokerStore {
         if let Some(h) = self.writer.lock().take() {
             let _ = h.join();
         }
+        // The writer has let go of its handle; this releases the file.
+        self.db.lock().take();
     }
 }
 
