@@ -294,6 +294,7 @@ impl VHost {
     }
 
     /// Stores or forgets a binding whose two ends are durable.
+    #[allow(clippy::too_many_arguments)]
     fn persist_binding(
         &self,
         bind: bool,

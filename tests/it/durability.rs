@@ -105,7 +105,7 @@ fn properties(n: u64) -> BasicProperties {
         "tag".into(),
         AMQPValue::LongString(LongString::from(format!("t{}", n % 7))),
     );
-    headers.insert("flag".into(), AMQPValue::Boolean(n % 3 == 0));
+    headers.insert("flag".into(), AMQPValue::Boolean(n.is_multiple_of(3)));
     let mut p = BasicProperties::default()
         .with_delivery_mode(2)
         .with_message_id(n.to_string().into())
@@ -114,7 +114,7 @@ fn properties(n: u64) -> BasicProperties {
         .with_timestamp(1_700_000_000 + n)
         .with_app_id("durability".into())
         .with_headers(headers);
-    if n % 2 == 0 {
+    if n.is_multiple_of(2) {
         p = p.with_content_type("application/octet-stream".into());
     }
     p
