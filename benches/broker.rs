@@ -7,6 +7,13 @@
 //! - idle RSS of the mqic process;
 //! - time from process start to accepting AMQP connections.
 //!
+//! - persistent throughput with confirms: a durable queue, delivery_mode 2, 512 B bodies, one
+//!   publisher with a confirm window of 256; confirmed messages per second;
+//! - recovery: publish `MQIC_BENCH_DURABLE_COUNT` (default 1,000,000) persistent 512 B
+//!   messages to a durable queue, the RSS with them queued, then stop mqic (SIGTERM), start it
+//!   again on the same data dir and time until the queue reports them all ready and until the
+//!   first one is consumed.
+//!
 //! With `MQIC_BENCH_RABBITMQ_URL` set, the same loads run against that broker in the same
 //! run and the ratios are printed (`MQIC_BENCH_RABBITMQ_PID` adds its RSS). `MQIC_BENCH_SECS`
 //! sets the throughput window (default 10 s).
@@ -57,9 +64,19 @@ fn main() {
 
     let mqic = rt.block_on(measure(&url, secs));
     print_figures("mqic", &mqic);
+    let mqic_persistent = rt.block_on(persistent_confirms(&url, secs, 1));
+    print_persistent("mqic", mqic_persistent, 1);
+    let mqic_persistent2 = rt.block_on(persistent_confirms(&url, secs, 2));
+    print_persistent("mqic", mqic_persistent2, 2);
     let _ = Command::new("kill").arg(child.id().to_string()).status();
     let _ = child.wait();
     drop(dir);
+
+    let count: u64 = std::env::var("MQIC_BENCH_DURABLE_COUNT")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1_000_000);
+    recovery(&rt, count);
 
     if let Ok(rabbit_url) = std::env::var("MQIC_BENCH_RABBITMQ_URL") {
         if let Ok(pid) = std::env::var("MQIC_BENCH_RABBITMQ_PID") {
@@ -77,6 +94,15 @@ fn main() {
         }
         let rabbit = rt.block_on(measure(&rabbit_url, secs));
         print_figures("RabbitMQ", &rabbit);
+        let rabbit_persistent = rt.block_on(persistent_confirms(&rabbit_url, secs, 1));
+        print_persistent("RabbitMQ", rabbit_persistent, 1);
+        let rabbit_persistent2 = rt.block_on(persistent_confirms(&rabbit_url, secs, 2));
+        print_persistent("RabbitMQ", rabbit_persistent2, 2);
+        println!(
+            "ratio persistent confirmed throughput mqic/RabbitMQ: 1 publisher {:.2}x, 2 publishers {:.2}x (target >= 3x)",
+            mqic_persistent / rabbit_persistent,
+            mqic_persistent2 / rabbit_persistent2
+        );
         println!(
             "ratio transient throughput mqic/RabbitMQ: {:.2}x (target >= 4x)",
             mqic.consumed / rabbit.consumed
@@ -92,7 +118,176 @@ fn main() {
             mqic.amqprs_p99_ms / rabbit.amqprs_p99_ms
         );
     }
-    println!("targets: idle RSS <= 13 MB, start to accepting <= 50 ms");
+    println!("targets: idle RSS <= 13 MB, start to accepting <= 50 ms, RSS with 1M persistent messages queued <= 150 MB");
+}
+
+fn print_persistent(name: &str, rate: f64, publishers: usize) {
+    println!(
+        "{name} persistent throughput: {rate:.0} msg/s confirmed (durable queue, delivery_mode 2, {BODY} B, {publishers} publisher(s) on their own connections, confirm window {CONFIRM_WINDOW} each)"
+    );
+}
+
+const CONFIRM_WINDOW: usize = 256;
+
+/// Publishes persistent messages to durable `queue` with confirms (window 256) until `stop`
+/// or `limit` messages are confirmed; returns the number confirmed.
+async fn publish_confirmed(
+    ch: &lapin::Channel,
+    queue: &str,
+    limit: u64,
+    stop: Arc<AtomicBool>,
+) -> u64 {
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let body = vec![b'p'; BODY];
+    let props = BasicProperties::default().with_delivery_mode(2);
+    let mut window = std::collections::VecDeque::with_capacity(CONFIRM_WINDOW);
+    let (mut sent, mut confirmed) = (0u64, 0u64);
+    loop {
+        let done = stop.load(Ordering::Relaxed) || sent >= limit;
+        if window.len() >= CONFIRM_WINDOW || (done && !window.is_empty()) {
+            let c: lapin::PublisherConfirm = window.pop_front().unwrap();
+            let got = c.await.expect("confirm");
+            assert!(got.is_ack(), "persistent publish nacked");
+            confirmed += 1;
+            continue;
+        }
+        if done {
+            return confirmed;
+        }
+        let c = ch
+            .basic_publish(
+                "".into(),
+                queue.into(),
+                BasicPublishOptions::default(),
+                &body,
+                props.clone(),
+            )
+            .await
+            .expect("publish");
+        window.push_back(c);
+        sent += 1;
+    }
+}
+
+async fn declare_durable(ch: &lapin::Channel, queue: &str) -> u32 {
+    ch.queue_declare(
+        queue.into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .unwrap()
+    .message_count()
+}
+
+/// Confirmed persistent messages per second over `secs` (after 1 s of warm-up), from
+/// `publishers` publishers on their own connections.
+async fn persistent_confirms(url: &str, secs: u64, publishers: usize) -> f64 {
+    let queue = format!("bench-persistent-{}", std::process::id());
+    let setup = connect(url).await;
+    let ch = setup.create_channel().await.unwrap();
+    declare_durable(&ch, &queue).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    let mut conns = Vec::new();
+    for _ in 0..publishers {
+        let conn = connect(url).await;
+        let pch = conn.create_channel().await.unwrap();
+        conns.push(conn);
+        let (queue, stop) = (queue.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            // Warm-up: one second's worth, uncounted.
+            let warm = Arc::new(AtomicBool::new(false));
+            let w = warm.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                w.store(true, Ordering::Relaxed);
+            });
+            publish_confirmed(&pch, &queue, u64::MAX, warm).await;
+            let t0 = Instant::now();
+            let n = publish_confirmed(&pch, &queue, u64::MAX, stop).await;
+            n as f64 / t0.elapsed().as_secs_f64()
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(1 + secs)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut rate = 0.0;
+    for t in tasks {
+        rate += t.await.unwrap();
+    }
+    let _ = ch
+        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+        .await;
+    for conn in conns.iter().chain([&setup]) {
+        let _ = conn.close(200, "done".into()).await;
+    }
+    rate
+}
+
+/// Publishes `count` persistent messages, reports the RSS with them queued, restarts mqic
+/// on the same data dir and times the recovery.
+fn recovery(rt: &tokio::runtime::Runtime, count: u64) {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, url, _) = start_mqic_in(dir.path());
+    let queue = "bench-recovery";
+    let t0 = Instant::now();
+    rt.block_on(async {
+        let conn = connect(&url).await;
+        let ch = conn.create_channel().await.unwrap();
+        declare_durable(&ch, queue).await;
+        let n = publish_confirmed(&ch, queue, count, Arc::new(AtomicBool::new(false))).await;
+        assert_eq!(n, count);
+        let _ = conn.close(200, "done".into()).await;
+    });
+    let publish_s = t0.elapsed().as_secs_f64();
+    std::thread::sleep(Duration::from_millis(500));
+    let rss = rss_kib(child.id());
+    println!(
+        "mqic published {count} persistent {BODY} B messages with confirms in {publish_s:.1} s ({:.0} msg/s)",
+        count as f64 / publish_s
+    );
+    println!(
+        "mqic RSS with {count} persistent messages queued: {:.1} MB",
+        rss as f64 / 1024.0
+    );
+    let _ = Command::new("kill").arg(child.id().to_string()).status();
+    let _ = child.wait();
+    let store = dir.path().join("broker.redb");
+    let size = std::fs::metadata(&store).map(|m| m.len()).unwrap_or(0);
+    println!("broker.redb size: {:.1} MB", size as f64 / 1e6);
+
+    let t0 = Instant::now();
+    let (mut child, url, accept_ms) = start_mqic_in(dir.path());
+    let (ready_ms, first_ms) = rt.block_on(async {
+        let conn = connect(&url).await;
+        let ch = conn.create_channel().await.unwrap();
+        let ready = declare_durable(&ch, queue).await;
+        assert_eq!(ready as u64, count, "every message is back");
+        let ready_ms = t0.elapsed().as_secs_f64() * 1000.0;
+        let got = ch
+            .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+            .await
+            .unwrap();
+        assert!(got.is_some());
+        let first_ms = t0.elapsed().as_secs_f64() * 1000.0;
+        let _ = conn.close(200, "done".into()).await;
+        (ready_ms, first_ms)
+    });
+    let rss_after = rss_kib(child.id());
+    println!(
+        "mqic recovery of {count} persistent messages: accepting after {accept_ms:.0} ms, queue reports all ready after {ready_ms:.0} ms, first consumed after {first_ms:.0} ms"
+    );
+    println!(
+        "mqic RSS after recovering {count} persistent messages: {:.1} MB",
+        rss_after as f64 / 1024.0
+    );
+    let _ = Command::new("kill").arg(child.id().to_string()).status();
+    let _ = child.wait();
 }
 
 fn print_figures(name: &str, f: &Figures) {
@@ -113,12 +308,18 @@ fn print_figures(name: &str, f: &Figures) {
 /// Starts the release `mqic serve` on a free port; returns the child, its URL and the
 /// milliseconds from spawn to the first accepted TCP connection.
 fn start_mqic() -> (Child, String, f64, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let (child, url, ms) = start_mqic_in(dir.path());
+    (child, url, ms, dir)
+}
+
+/// [`start_mqic`] on a given data dir.
+fn start_mqic_in(data: &std::path::Path) -> (Child, String, f64) {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port();
-    let dir = tempfile::tempdir().unwrap();
     let addr = format!("127.0.0.1:{port}");
     let t0 = Instant::now();
     let child = Command::new(env!("CARGO_BIN_EXE_mqic"))
@@ -127,7 +328,7 @@ fn start_mqic() -> (Child, String, f64, tempfile::TempDir) {
         .args(["--prometheus-listen", "127.0.0.1:0"])
         .args(["--web-listen", "127.0.0.1:0"])
         .arg("--data-dir")
-        .arg(dir.path())
+        .arg(data)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .spawn()
@@ -142,7 +343,7 @@ fn start_mqic() -> (Child, String, f64, tempfile::TempDir) {
         std::thread::sleep(Duration::from_micros(200));
     }
     let ms = t0.elapsed().as_secs_f64() * 1000.0;
-    (child, format!("amqp://guest:guest@{addr}/%2f"), ms, dir)
+    (child, format!("amqp://guest:guest@{addr}/%2f"), ms)
 }
 
 fn rss_kib(pid: u32) -> u64 {

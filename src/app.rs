@@ -58,7 +58,13 @@ impl App {
         // confine them to their roots).
         let data_lock = lock_data_dir(&mut config)?;
 
-        let broker = Broker::new(config.limits(), config.users(), &config.amqp.vhosts);
+        // Durable exchanges, queues, bindings and persistent messages come back from here.
+        let broker = Broker::open(
+            config.limits(),
+            config.users(),
+            &config.amqp.vhosts,
+            &config.data_dir.join("broker.redb"),
+        )?;
         let total = memory::total_memory_bytes().unwrap_or(u64::MAX);
         let watermark = MemoryWatermark::new(config.amqp.memory_high_watermark.bytes(total));
 
@@ -166,6 +172,8 @@ impl App {
             tracing::warn!("shutdown deadline passed with connections still open");
             self.tasks.abort_all();
         }
+        // Whatever the store still has pending is committed before the process exits.
+        self.broker.close_store();
     }
 }
 

@@ -5,7 +5,7 @@
 //! - [`config`]: the typed TOML configuration; defaults live in `assets/mqic.toml`.
 //! - [`app`]: start-up as a script of steps, the ready lines, and shutdown with a drain.
 //! - [`amqp`]: the embedded AMQP 0-9-1 broker (codec, connections, channels, exchanges,
-//!   queues) and its in-process API.
+//!   queues, `broker.redb` durability in `amqp::store`) and its in-process API.
 //! - [`memory`]: the memory high watermark that blocks publishers.
 //! - [`disk`]: the disk free limit on the data dir that blocks publishers.
 //! - [`protocol`]: the message contract: envelope, commands, RPC, events, topology.

@@ -13,8 +13,9 @@ use tokio::sync::watch;
 use super::auth::Users;
 use super::consumer::ConnectionId;
 use super::exchange::{Binding, Destination, Exchange, ExchangeKind, ExchangeSpec};
-use super::queue::{Queue, QueueSpec};
+use super::queue::{Persist, Queue, QueueSpec};
 use super::reply::{AmqpError, AmqpResult};
+use super::store::{binding_key, BrokerStore, Op};
 
 /// Limits and wire defaults the broker enforces (from `[amqp]` in the config).
 #[derive(Debug, Clone)]
@@ -53,6 +54,8 @@ pub struct Broker {
     alarms: watch::Sender<Alarms>,
     /// Counters and the connection registry (management API, Prometheus).
     pub stats: super::stats::Stats,
+    /// `broker.redb`, for a broker that keeps durable things across restarts.
+    pub store: Option<Arc<BrokerStore>>,
 }
 
 /// The resource alarms that block publishers (`connection.blocked`), as RabbitMQ raises them.
@@ -80,7 +83,17 @@ impl Alarms {
 }
 
 impl Broker {
+    /// A broker that keeps nothing across restarts (tests, in-memory use).
     pub fn new(limits: Limits, users: Users, vhosts: &[String]) -> Arc<Broker> {
+        Broker::build(limits, users, vhosts, None)
+    }
+
+    fn build(
+        limits: Limits,
+        users: Users,
+        vhosts: &[String],
+        store: Option<Arc<BrokerStore>>,
+    ) -> Arc<Broker> {
         let broker = Broker {
             limits,
             users,
@@ -89,6 +102,7 @@ impl Broker {
             connections: AtomicUsize::new(0),
             alarms: watch::channel(Alarms::default()).0,
             stats: Default::default(),
+            store,
         };
         for name in vhosts {
             broker.add_vhost(name);
@@ -96,12 +110,103 @@ impl Broker {
         Arc::new(broker)
     }
 
+    /// A broker backed by `broker.redb` at `path`: the durable topology and the persistent
+    /// messages stored there are replayed through the same declare, bind and enqueue code
+    /// clients reach, before any client connects.
+    pub fn open(
+        limits: Limits,
+        users: Users,
+        vhosts: &[String],
+        path: &std::path::Path,
+    ) -> anyhow::Result<Arc<Broker>> {
+        let store = BrokerStore::open(path)?;
+        let broker = Broker::build(limits, users, vhosts, Some(store.clone()));
+        broker.recover(&store)?;
+        Ok(broker)
+    }
+
+    /// Replays the stored topology and messages.
+    fn recover(&self, store: &BrokerStore) -> anyhow::Result<()> {
+        let topology = store.topology()?;
+        let started = std::time::Instant::now();
+        let vhost = |name: &str| {
+            let v = self.vhost(name);
+            if v.is_none() {
+                tracing::warn!(
+                    vhost = name,
+                    "stored durable entity in a vhost not configured now; left in the store"
+                );
+            }
+            v
+        };
+        for (vh, spec) in topology.exchanges {
+            let name = spec.name.clone();
+            if let Some(v) = vhost(&vh) {
+                if let Err(e) = v.declare_exchange(spec, false) {
+                    tracing::warn!(
+                        vhost = vh,
+                        exchange = name,
+                        "stored exchange not restored: {e}"
+                    );
+                }
+            }
+        }
+        let mut messages = 0usize;
+        for (vh, spec, id) in topology.queues {
+            let name = spec.name.clone();
+            let Some(v) = vhost(&vh) else { continue };
+            match v.declare_queue(spec, false, true, 0) {
+                Ok((q, _)) => {
+                    debug_assert_eq!(q.persist.as_ref().map(|p| p.id), Some(id));
+                    store.for_each_message(id, |m| {
+                        messages += 1;
+                        q.restore(m)
+                    })?;
+                }
+                Err(e) => {
+                    tracing::warn!(vhost = vh, queue = name, "stored queue not restored: {e}")
+                }
+            }
+        }
+        for b in topology.bindings {
+            let Some(v) = vhost(&b.vhost) else { continue };
+            let result = if b.to_queue {
+                v.bind_queue(&b.destination, &b.source, &b.routing_key, b.arguments, 0)
+            } else {
+                v.bind_exchange(&b.destination, &b.source, &b.routing_key, b.arguments)
+            };
+            if let Err(e) = result {
+                tracing::warn!(
+                    vhost = b.vhost,
+                    source = b.source,
+                    destination = b.destination,
+                    "stored binding not restored: {e}"
+                );
+            }
+        }
+        if messages > 0 {
+            tracing::info!(
+                messages,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "broker store recovered"
+            );
+        }
+        Ok(())
+    }
+
+    /// Commits what the store has pending and stops its writer (shutdown).
+    pub fn close_store(&self) {
+        if let Some(s) = &self.store {
+            s.close();
+        }
+    }
+
     /// Creates a vhost with the predeclared exchanges (a no-op if it exists).
     pub fn add_vhost(&self, name: &str) -> Arc<VHost> {
         self.vhosts
             .write()
             .entry(name.to_string())
-            .or_insert_with(|| VHost::new(name))
+            .or_insert_with(|| VHost::new(name, self.store.clone()))
             .clone()
     }
 
@@ -188,6 +293,7 @@ pub struct VHost {
     queues: RwLock<HashMap<String, Arc<Queue>>>,
     /// Counters of deleted queues, so vhost totals never go down.
     retired: parking_lot::Mutex<super::stats::QueueCounters>,
+    store: Option<Arc<BrokerStore>>,
 }
 
 /// The exchanges every vhost starts with (RabbitMQ's `declare_default_exchanges`).
@@ -210,7 +316,7 @@ fn is_true(v: bool) -> &'static str {
 }
 
 impl VHost {
-    fn new(name: &str) -> Arc<VHost> {
+    fn new(name: &str, store: Option<Arc<BrokerStore>>) -> Arc<VHost> {
         let exchanges = PREDECLARED
             .iter()
             .map(|(n, kind, internal)| {
@@ -232,7 +338,47 @@ impl VHost {
             exchanges: RwLock::new(exchanges),
             queues: RwLock::new(HashMap::new()),
             retired: Default::default(),
+            store,
         })
+    }
+
+    /// Hands a topology change to the store, if there is one.
+    fn persist(&self, op: impl FnOnce() -> Op) {
+        if let Some(s) = &self.store {
+            s.submit(op());
+        }
+    }
+
+    /// Stores or forgets a binding whose two ends are durable.
+    #[allow(clippy::too_many_arguments)]
+    fn persist_binding(
+        &self,
+        bind: bool,
+        source: &Exchange,
+        to_queue: bool,
+        destination: &str,
+        durable_destination: bool,
+        routing_key: &str,
+        arguments: &FieldTable,
+    ) {
+        if !(source.spec.durable && durable_destination) {
+            return;
+        }
+        self.persist(|| {
+            let key = binding_key(
+                &self.name,
+                source.name(),
+                to_queue,
+                destination,
+                routing_key,
+                arguments,
+            );
+            if bind {
+                Op::PutBinding(key)
+            } else {
+                Op::DelBinding(key)
+            }
+        });
     }
 
     fn no_exchange(&self, name: &str) -> AmqpError {
@@ -306,6 +452,12 @@ impl VHost {
                 spec.name
             )));
         }
+        if spec.durable {
+            self.persist(|| Op::PutExchange {
+                vhost: self.name.clone(),
+                spec: spec.clone(),
+            });
+        }
         exchanges.insert(spec.name.clone(), Arc::new(Exchange::new(spec)));
         Ok(())
     }
@@ -334,6 +486,12 @@ impl VHost {
                 Some(_) => exchanges.remove(name),
             }
         };
+        if removed.as_ref().is_some_and(|x| x.spec.durable) {
+            self.persist(|| Op::DelExchange {
+                vhost: self.name.clone(),
+                name: name.to_string(),
+            });
+        }
         if removed.is_some() {
             self.remove_destination(&Destination::Exchange(name.into()));
         }
@@ -392,15 +550,17 @@ impl VHost {
             return Ok((existing.clone(), false));
         }
         Queue::validate_arguments(&spec.arguments, &spec.name, &self.name)?;
-        let owner = spec.exclusive.then_some(connection);
-        let q = Queue::new(spec, self.name.clone(), owner);
-        if q.args.quorum {
+        let quorum = matches!(
+            spec.arguments.inner().get("x-queue-type"),
+            Some(AMQPValue::LongString(t)) if t.as_bytes() == b"quorum"
+        );
+        if quorum {
             // RabbitMQ's own refusals for properties a quorum queue cannot have.
-            let refused = if q.spec.exclusive {
+            let refused = if spec.exclusive {
                 Some("exclusive-owner")
-            } else if !q.spec.durable {
+            } else if !spec.durable {
                 Some("non-durable")
-            } else if q.spec.auto_delete {
+            } else if spec.auto_delete {
                 Some("auto-delete")
             } else {
                 None
@@ -408,16 +568,32 @@ impl VHost {
             if let Some(property) = refused {
                 return Err(AmqpError::precondition(format!(
                     "invalid property '{property}' for queue '{}' in vhost '{}'",
-                    q.name(),
-                    self.name
+                    spec.name, self.name
                 )));
             }
             tracing::info!(
-                queue = q.name(),
+                queue = %spec.name,
                 vhost = %self.name,
                 "x-queue-type quorum: served as a durable classic queue on this one node (no replication; x-delivery-limit and other quorum-only arguments are not enforced)"
             );
         }
+        let owner = spec.exclusive.then_some(connection);
+        let persist = match &self.store {
+            Some(store) if spec.durable && !spec.exclusive => {
+                let id = store.queue_id(&self.name, &spec.name);
+                store.submit(Op::PutQueue {
+                    vhost: self.name.clone(),
+                    id,
+                    spec: spec.clone(),
+                });
+                Some(Persist {
+                    store: store.clone(),
+                    id,
+                })
+            }
+            _ => None,
+        };
+        let q = Queue::with_store(spec, self.name.clone(), owner, persist);
         queues.insert(q.name().to_string(), q.clone());
         Ok((q, true))
     }
@@ -449,6 +625,15 @@ impl VHost {
             if queues.get(name).is_some_and(|x| Arc::ptr_eq(x, &q)) {
                 queues.remove(name);
                 *self.retired.lock() += counters;
+                if let (Some(store), Some(p)) = (&self.store, &q.persist) {
+                    // Under the queues lock, so a redeclare gets a new id after this.
+                    store.forget_queue(&self.name, name);
+                    store.submit(Op::DelQueue {
+                        vhost: self.name.clone(),
+                        name: name.to_string(),
+                        id: p.id,
+                    });
+                }
             }
         }
         self.remove_destination(&Destination::Queue(name.into()));
@@ -485,8 +670,17 @@ impl VHost {
         x.bind(Binding {
             destination: Destination::Queue(q.name().into()),
             routing_key: routing_key.to_string(),
-            arguments,
+            arguments: arguments.clone(),
         })?;
+        self.persist_binding(
+            true,
+            &x,
+            true,
+            q.name(),
+            q.persist.is_some(),
+            routing_key,
+            &arguments,
+        );
         Ok(())
     }
 
@@ -501,6 +695,15 @@ impl VHost {
     ) -> AmqpResult<()> {
         let q = self.usable_queue(queue, connection)?;
         let x = self.bindable_exchange(exchange)?;
+        self.persist_binding(
+            false,
+            &x,
+            true,
+            q.name(),
+            q.persist.is_some(),
+            routing_key,
+            &arguments,
+        );
         x.unbind(&Binding {
             destination: Destination::Queue(q.name().into()),
             routing_key: routing_key.to_string(),
@@ -523,8 +726,17 @@ impl VHost {
         src.bind(Binding {
             destination: Destination::Exchange(dst.name().into()),
             routing_key: routing_key.to_string(),
-            arguments,
+            arguments: arguments.clone(),
         })?;
+        self.persist_binding(
+            true,
+            &src,
+            false,
+            dst.name(),
+            dst.spec.durable,
+            routing_key,
+            &arguments,
+        );
         Ok(())
     }
 
@@ -538,6 +750,15 @@ impl VHost {
     ) -> AmqpResult<()> {
         let src = self.bindable_exchange(source)?;
         let dst = self.bindable_exchange(destination)?;
+        self.persist_binding(
+            false,
+            &src,
+            false,
+            dst.name(),
+            dst.spec.durable,
+            routing_key,
+            &arguments,
+        );
         src.unbind(&Binding {
             destination: Destination::Exchange(dst.name().into()),
             routing_key: routing_key.to_string(),

@@ -2,6 +2,7 @@
 //! acknowledge, qos, confirms and transactions. The wire connection decodes a method and calls
 //! one of these; the in-process API calls the same functions, so both behave alike.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use amq_protocol::types::FieldTable;
@@ -59,14 +60,50 @@ enum Mode {
 
 /// Publisher-confirm sequence state. Acks are coalesced: a run of successful publishes is
 /// confirmed with one `multiple` ack when the connection has processed its input batch.
+///
+/// A batch that wrote a persistent message to a durable queue is confirmed only once the
+/// store's commit holding it is on disk: its confirms go out through a store barrier. While
+/// any such barrier is outstanding, later confirms take the same way, so they stay in order
+/// (a `multiple` ack never covers a message still on its way to disk).
 #[derive(Debug, Default)]
 struct Confirms {
     /// Sequence number of the last publish.
     last: u64,
     /// Highest sequence number that is confirmed but not yet told to the client.
     pending_ack: Option<u64>,
-    /// Everything up to here has been acked or nacked on the wire.
+    /// Everything up to here has been acked or nacked on the wire (or handed to a barrier).
     told_upto: u64,
+    /// The pending batch holds a message that must be on disk before it is confirmed.
+    needs_disk: bool,
+    /// Store barriers handed confirms and not yet run.
+    outstanding: Arc<AtomicUsize>,
+}
+
+impl Confirms {
+    /// Sends confirm frames `(tag, multiple, ack)` now, or after the store's next commit
+    /// when the batch needs the disk or earlier confirms are still waiting for it.
+    fn emit(&mut self, shared: &ChannelShared, broker: &Broker, frames: Vec<(u64, bool, bool)>) {
+        let needs_disk = std::mem::take(&mut self.needs_disk);
+        match &broker.store {
+            Some(store) if needs_disk || self.outstanding.load(Ordering::Acquire) > 0 => {
+                self.outstanding.fetch_add(1, Ordering::AcqRel);
+                let outstanding = self.outstanding.clone();
+                let out = shared.out.clone();
+                store.barrier(move |ok| {
+                    for (tag, multiple, ack) in frames {
+                        // A failed commit: the publisher hears nack, never a false ack.
+                        out.confirm(tag, multiple, ack && ok);
+                    }
+                    outstanding.fetch_sub(1, Ordering::AcqRel);
+                });
+            }
+            _ => {
+                for (tag, multiple, ack) in frames {
+                    shared.out.confirm(tag, multiple, ack);
+                }
+            }
+        }
+    }
 }
 
 /// Work held back until `tx.commit`.
@@ -541,18 +578,19 @@ impl Channel {
             }
             _ => None,
         };
-        let rejected = self.route_and_enqueue(&message, mandatory, headers.as_ref())?;
+        let (rejected, stored) = self.route_and_enqueue(&message, mandatory, headers.as_ref())?;
         if let (Some(seq), Mode::Confirm(c)) = (seq, &mut self.mode) {
+            c.needs_disk |= stored;
             if rejected {
                 // A full `reject-publish` queue refused it: acks coalesced so far go out
                 // first, then this one message is nacked.
+                let mut frames = Vec::with_capacity(2);
                 if let Some(acked) = c.pending_ack.take() {
-                    self.shared
-                        .out
-                        .confirm(acked, acked - c.told_upto > 1, true);
+                    frames.push((acked, acked - c.told_upto > 1, true));
                 }
-                self.shared.out.confirm(seq, false, false);
+                frames.push((seq, false, false));
                 c.told_upto = seq;
+                c.emit(&self.shared, &self.session.broker, frames);
             } else {
                 c.pending_ack = Some(seq);
             }
@@ -560,25 +598,28 @@ impl Channel {
         Ok(())
     }
 
-    /// Routes and enqueues; true when a queue refused the message (`x-overflow`
-    /// `reject-publish`), which a confirming publisher hears as `basic.nack`.
+    /// Routes and enqueues. Returns whether a queue refused the message (`x-overflow`
+    /// `reject-publish`), which a confirming publisher hears as `basic.nack`, and whether a
+    /// durable queue wrote it to the store (its confirm waits for the disk).
     fn route_and_enqueue(
         &self,
         message: &Arc<Message>,
         mandatory: bool,
         headers: Option<&FieldTable>,
-    ) -> AmqpResult<bool> {
+    ) -> AmqpResult<(bool, bool)> {
         let queues = self
             .session
             .vhost
             .route(&message.exchange, &message.routing_key, headers)?;
         let mut routed = false;
         let mut rejected = false;
+        let mut stored = false;
         let vhost = &self.session.vhost;
         for q in &queues {
             match q.publish(message.clone()) {
                 Enqueued::Accepted { dropped } => {
                     routed = true;
+                    stored |= q.persists(message);
                     if !dropped.is_empty() {
                         vhost.dead_letter(q, dropped, DeathReason::Maxlen);
                     }
@@ -608,7 +649,7 @@ impl Channel {
                 .out
                 .basic_return(ReplyCode::NoRoute.code(), "NO_ROUTE", message);
         }
-        Ok(rejected)
+        Ok((rejected, stored))
     }
 
     /// Sends the coalesced publisher confirm, if any. Called after each input batch.
@@ -616,8 +657,12 @@ impl Channel {
         if let Mode::Confirm(c) = &mut self.mode {
             if let Some(seq) = c.pending_ack.take() {
                 let multiple = seq - c.told_upto > 1;
-                self.shared.out.confirm(seq, multiple, true);
                 c.told_upto = seq;
+                c.emit(
+                    &self.shared,
+                    &self.session.broker,
+                    vec![(seq, multiple, true)],
+                );
             }
         }
     }
@@ -733,11 +778,23 @@ impl Channel {
             return Err(AmqpError::precondition("channel is not transactional"));
         };
         let tx = std::mem::take(tx);
+        let mut stored = false;
         for p in &tx.publishes {
-            self.route_and_enqueue(&p.message, p.mandatory, p.headers.as_ref())?;
+            stored |= self
+                .route_and_enqueue(&p.message, p.mandatory, p.headers.as_ref())?
+                .1;
         }
         for s in tx.settles {
             self.apply_settle(s)?;
+        }
+        if let (true, Some(store)) = (stored, &self.session.broker.store) {
+            // commit-ok promises the persistent messages are on disk.
+            if !store.sync() {
+                return Err(AmqpError::new(
+                    ReplyCode::InternalError,
+                    "the broker store could not commit the transaction",
+                ));
+            }
         }
         Ok(())
     }
@@ -778,7 +835,7 @@ fn finish(taken: Vec<Unacked>, requeue: bool) -> Vec<Arc<Queue>> {
         if requeue {
             q.requeue(list);
         } else {
-            q.acked(list.len());
+            q.acked(&list);
         }
         touched.push(q);
     }

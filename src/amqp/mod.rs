@@ -1,7 +1,8 @@
 //! The embedded AMQP 0-9-1 broker. Reading order: [`codec`] (bytes ↔ frames),
 //! [`connection`] (one socket: handshake, frame loop), [`channel`] (the operations of one
 //! channel), [`broker`] (vhosts, exchanges, queues, routing), [`queue`] and [`consumer`]
-//! (dispatch and credit), [`deadletter`] (x-death and the dead-letter exchange), [`outbound`] (where deliveries go), [`embedded`] (the same broker
+//! (dispatch and credit), [`deadletter`] (x-death and the dead-letter exchange), [`outbound`] (where deliveries go), [`store`] (`broker.redb`: durable
+//! topology and persistent messages, group-committed), [`embedded`] (the same broker
 //! in-process), [`server`] (listeners), [`stats`] (read-only counters and the connection
 //! registry, for the management API). This module knows nothing of cases or workflows.
 
@@ -20,6 +21,7 @@ pub mod queue;
 pub mod reply;
 pub mod server;
 pub mod stats;
+pub mod store;
 
 pub use broker::{Broker, Limits};
 pub use embedded::{LocalChannel, LocalConnection};

@@ -11,6 +11,14 @@ use parking_lot::Mutex;
 use super::consumer::{ConnectionId, Consumer};
 use super::message::Message;
 use super::reply::{AmqpError, AmqpResult, ReplyCode};
+use super::store::{BrokerStore, Op, StoredMessage};
+
+/// Where a durable queue keeps its persistent messages: `broker.redb` under this queue id.
+#[derive(Debug, Clone)]
+pub struct Persist {
+    pub store: Arc<BrokerStore>,
+    pub id: u64,
+}
 
 /// The declared shape of a queue, compared on redeclare.
 #[derive(Debug, Clone, PartialEq)]
@@ -89,9 +97,34 @@ pub struct QueuedMessage {
     pub expires_at: Option<Instant>,
 }
 
+/// A durable queue keeps the bodies of its first [`IN_MEMORY`] ready messages in memory; the
+/// rest wait in `broker.redb` behind a small index entry ([`Paged`]) and are read back in
+/// batches when fewer than [`PAGE_IN_BELOW`] remain in memory. (Priority queues keep
+/// everything in memory.)
+const IN_MEMORY: usize = 2048;
+const PAGE_IN_BELOW: usize = 1024;
+
+/// A ready message past the in-memory window of a durable queue.
+#[derive(Debug)]
+struct Paged {
+    seq: u64,
+    size: u32,
+    redelivered: bool,
+    persistent: bool,
+    expires_at: Option<Instant>,
+    /// The body until the store has it on disk (always, for a non-persistent message).
+    message: Option<Arc<Message>>,
+}
+
 #[derive(Debug, Default)]
 struct QueueState {
+    /// Ready messages in memory, in delivery order.
     ready: VecDeque<QueuedMessage>,
+    /// Ready messages after `ready`, bodies paged out to the store.
+    paged: VecDeque<Paged>,
+    /// `paged[..strip_from]` hold no body that could be dropped.
+    strip_from: usize,
+    /// Bytes of every ready message (in memory and paged).
     ready_bytes: usize,
     next_seq: u64,
     consumers: Vec<Arc<Consumer>>,
@@ -122,6 +155,8 @@ pub struct Queue {
     pub owner: Option<ConnectionId>,
     /// The behaviour-changing arguments, parsed from `spec.arguments`.
     pub args: QueueArgs,
+    /// Set for a durable queue of a broker with a store: persistent messages are written.
+    pub persist: Option<Persist>,
     state: Mutex<QueueState>,
 }
 
@@ -148,17 +183,209 @@ const KNOWN_ARGUMENTS: &[&str] = &[
 impl Queue {
     /// A queue whose arguments passed [`Queue::validate_arguments`].
     pub fn new(spec: QueueSpec, vhost: String, owner: Option<ConnectionId>) -> Arc<Queue> {
+        Queue::with_store(spec, vhost, owner, None)
+    }
+
+    /// A queue whose persistent messages go to `persist` (a durable queue).
+    pub fn with_store(
+        spec: QueueSpec,
+        vhost: String,
+        owner: Option<ConnectionId>,
+        persist: Option<Persist>,
+    ) -> Arc<Queue> {
         let args = Queue::parse_arguments(&spec.arguments, &spec.name, &vhost).unwrap_or_default();
         Arc::new(Queue {
             spec,
             vhost,
             owner,
             args,
+            persist,
             state: Mutex::new(QueueState {
                 last_used: Some(Instant::now()),
                 ..QueueState::default()
             }),
         })
+    }
+
+    /// Whether `message` is written to the store when it enters this queue.
+    pub fn persists(&self, message: &Message) -> bool {
+        self.persist.is_some() && message.is_persistent()
+    }
+
+    /// Whether this queue pages bodies out to the store.
+    fn pages(&self) -> bool {
+        self.persist.is_some() && self.args.max_priority.is_none()
+    }
+
+    /// Whether a message entering now goes behind the in-memory window.
+    fn goes_to_paged(&self, st: &QueueState) -> bool {
+        self.pages() && (!st.paged.is_empty() || st.ready.len() >= IN_MEMORY)
+    }
+
+    /// The store wrote this queue's messages up to `seq`: their bodies may leave memory.
+    pub fn committed(&self, seq: u64) {
+        let mut st = self.state.lock();
+        let st = &mut *st;
+        while let Some(p) = st.paged.get_mut(st.strip_from) {
+            if p.persistent {
+                if p.seq > seq {
+                    break;
+                }
+                p.message = None;
+            }
+            st.strip_from += 1;
+        }
+    }
+
+    /// Ready messages, in memory and paged out.
+    fn ready_len(st: &QueueState) -> usize {
+        st.ready.len() + st.paged.len()
+    }
+
+    /// Refills the in-memory window from the paged tail when it runs low.
+    fn refill(&self, st: &mut QueueState) {
+        if st.paged.is_empty() || st.ready.len() >= PAGE_IN_BELOW {
+            return;
+        }
+        let take = (IN_MEMORY - st.ready.len()).min(st.paged.len());
+        let batch: Vec<Paged> = st.paged.drain(..take).collect();
+        st.strip_from = st.strip_from.saturating_sub(take);
+        let missing: Vec<u64> = batch
+            .iter()
+            .filter(|p| p.message.is_none())
+            .map(|p| p.seq)
+            .collect();
+        let mut loaded = match (&self.persist, missing.first(), missing.last()) {
+            (Some(persist), Some(&from), Some(&to)) => {
+                match persist.store.load(persist.id, from, to) {
+                    Ok(v) => v.into_iter().peekable(),
+                    Err(e) => {
+                        tracing::error!(queue = self.name(), "cannot page messages in: {e}");
+                        Vec::new().into_iter().peekable()
+                    }
+                }
+            }
+            _ => Vec::new().into_iter().peekable(),
+        };
+        for p in batch {
+            let message = match p.message {
+                Some(m) => m,
+                None => {
+                    while loaded.peek().is_some_and(|(seq, _)| *seq < p.seq) {
+                        loaded.next();
+                    }
+                    match loaded.next_if(|(seq, _)| *seq == p.seq) {
+                        Some((_, m)) => Arc::new(m),
+                        None => {
+                            // Only a failed commit leaves an entry without a stored body; its
+                            // publisher was nacked.
+                            tracing::error!(
+                                queue = self.name(),
+                                seq = p.seq,
+                                "paged message missing from the store; dropped"
+                            );
+                            st.ready_bytes -= p.size as usize;
+                            continue;
+                        }
+                    }
+                }
+            };
+            st.ready.push_back(QueuedMessage {
+                message,
+                redelivered: p.redelivered,
+                seq: p.seq,
+                expires_at: p.expires_at,
+            });
+        }
+    }
+
+    /// Tells the store that a paged message left the queue for good.
+    fn forget_paged(&self, p: &Paged) {
+        if let (Some(persist), true) = (&self.persist, p.persistent) {
+            persist.store.submit(Op::Remove {
+                queue: persist.id,
+                seq: p.seq,
+            });
+        }
+    }
+
+    /// Tells the store that `m` left the queue for good.
+    fn forget(&self, m: &QueuedMessage) {
+        if let Some(p) = &self.persist {
+            if m.message.is_persistent() {
+                p.store.submit(Op::Remove {
+                    queue: p.id,
+                    seq: m.seq,
+                });
+            }
+        }
+    }
+
+    /// Tells the store that `m` was delivered (it comes back `redelivered` after a restart).
+    fn mark_delivered(&self, m: &QueuedMessage) {
+        if let Some(p) = &self.persist {
+            if m.message.is_persistent() && !m.redelivered {
+                p.store.submit(Op::Delivered {
+                    queue: p.id,
+                    seq: m.seq,
+                });
+            }
+        }
+    }
+
+    /// Puts a message read back from the store at boot in its place.
+    pub fn restore(&self, stored: StoredMessage) {
+        let mut st = self.state.lock();
+        let size = stored.message.size();
+        st.next_seq = st.next_seq.max(stored.seq + 1);
+        st.ready_bytes += size;
+        let message = Arc::new(stored.message);
+        let ttl = match (self.args.message_ttl, message.expiration_ms) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        // The time already spent in the queue before the restart counts.
+        let waited = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0)
+            .saturating_sub(stored.enqueued_ms);
+        let expires_at =
+            ttl.map(|ms| Instant::now() + Duration::from_millis(ms.saturating_sub(waited)));
+        if self.goes_to_paged(&st) {
+            // On disk already: only the index entry stays in memory.
+            st.paged.push_back(Paged {
+                seq: stored.seq,
+                size: size as u32,
+                redelivered: stored.redelivered,
+                persistent: true,
+                expires_at,
+                message: None,
+            });
+            st.strip_from = st.paged.len();
+            return;
+        }
+        let queued = QueuedMessage {
+            message,
+            redelivered: stored.redelivered,
+            seq: stored.seq,
+            expires_at,
+        };
+        self.insert_ready(&mut st, queued);
+    }
+
+    fn insert_ready(&self, st: &mut QueueState, queued: QueuedMessage) {
+        match self.args.max_priority {
+            None => st.ready.push_back(queued),
+            Some(max) => {
+                // Higher priorities first, arrival order within one priority.
+                let p = queued.message.priority.min(max);
+                let at = st
+                    .ready
+                    .partition_point(|m| m.message.priority.min(max) >= p);
+                st.ready.insert(at, queued);
+            }
+        }
     }
 
     pub fn name(&self) -> &str {
@@ -307,24 +534,38 @@ impl Queue {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
-        let queued = QueuedMessage {
-            message,
-            redelivered: false,
-            seq,
-            expires_at: ttl.map(|ms| Instant::now() + Duration::from_millis(ms)),
-        };
-        match self.args.max_priority {
-            None => st.ready.push_back(queued),
-            Some(max) => {
-                // Higher priorities first, arrival order within one priority.
-                let p = queued.message.priority.min(max);
-                let at = st
-                    .ready
-                    .partition_point(|m| m.message.priority.min(max) >= p);
-                st.ready.insert(at, queued);
+        let to_paged = self.goes_to_paged(&st);
+        if let Some(p) = &self.persist {
+            // Under the queue lock, so the store hears of it before any delivery or ack.
+            if message.is_persistent() {
+                p.store.submit(Op::Publish {
+                    queue: p.id,
+                    seq,
+                    message: message.clone(),
+                    paged: to_paged.then(|| Arc::downgrade(self)),
+                });
             }
         }
         st.counters.published += 1;
+        let expires_at = ttl.map(|ms| Instant::now() + Duration::from_millis(ms));
+        if to_paged {
+            st.paged.push_back(Paged {
+                seq,
+                size: size as u32,
+                redelivered: false,
+                persistent: message.is_persistent(),
+                expires_at,
+                message: Some(message),
+            });
+        } else {
+            let queued = QueuedMessage {
+                message,
+                redelivered: false,
+                seq,
+                expires_at,
+            };
+            self.insert_ready(&mut st, queued);
+        }
         self.dispatch_locked(&mut st);
         // A TTL of 0 means: delivered at once or expired.
         self.expire_head(&mut st, Instant::now());
@@ -335,6 +576,7 @@ impl Queue {
     /// Takes expired messages off the head (RabbitMQ expires at the head only) into the
     /// list the sweeper dead-letters.
     fn expire_head(&self, st: &mut QueueState, now: Instant) {
+        self.refill(st);
         while st
             .ready
             .front()
@@ -342,7 +584,9 @@ impl Queue {
         {
             let m = st.ready.pop_front().expect("checked");
             st.ready_bytes -= m.message.size();
+            self.forget(&m);
             st.expired.push(m.message);
+            self.refill(st);
         }
     }
 
@@ -357,7 +601,7 @@ impl Queue {
     fn is_full(&self, st: &QueueState, size: usize) -> bool {
         self.args
             .max_length
-            .is_some_and(|max| st.ready.len() as u64 >= max)
+            .is_some_and(|max| Queue::ready_len(st) as u64 >= max)
             || self
                 .args
                 .max_length_bytes
@@ -374,18 +618,23 @@ impl Queue {
         let over = |st: &QueueState| {
             self.args
                 .max_length
-                .is_some_and(|max| st.ready.len() as u64 > max)
+                .is_some_and(|max| Queue::ready_len(st) as u64 > max)
                 || self
                     .args
                     .max_length_bytes
                     .is_some_and(|max| st.ready_bytes as u64 > max)
         };
         while over(st) {
+            if st.ready.is_empty() {
+                // Everything in memory went already (a limit far above the window).
+                self.refill(st);
+            }
             let Some(dropped) = st.ready.pop_front() else {
                 break;
             };
             st.ready_bytes -= dropped.message.size();
             st.dropped += 1;
+            self.forget(&dropped);
             out.push(dropped.message);
         }
         out
@@ -399,7 +648,11 @@ impl Queue {
 
     fn dispatch_locked(self: &Arc<Self>, st: &mut QueueState) {
         self.expire_head(st, Instant::now());
-        while !st.ready.is_empty() && !st.consumers.is_empty() {
+        while !st.consumers.is_empty() {
+            self.refill(st);
+            if st.ready.is_empty() {
+                break;
+            }
             let pick = if self.args.single_active_consumer {
                 // Only the first registered consumer is active; the others wait their turn.
                 st.consumers[0].has_credit().then_some(0)
@@ -411,8 +664,16 @@ impl Queue {
             let message = st.ready.pop_front().expect("checked non-empty");
             let size = message.message.size();
             let redelivered = message.redelivered;
+            let stored = self.persist.is_some().then(|| message.clone());
             match consumer.channel.deliver(&consumer, self, message) {
                 Ok(()) => {
+                    if let Some(m) = stored {
+                        if consumer.no_ack {
+                            self.forget(&m);
+                        } else {
+                            self.mark_delivered(&m);
+                        }
+                    }
                     st.ready_bytes -= size;
                     let c = &mut st.counters;
                     c.redelivered += redelivered as u64;
@@ -442,9 +703,13 @@ impl Queue {
         st.last_used = Some(now);
         self.expire_head(&mut st, now);
         debug_assert!(!self.args.single_active_consumer, "checked by the channel");
+        self.refill(&mut st);
         let message = st.ready.pop_front()?;
         st.ready_bytes -= message.message.size();
-        if !no_ack {
+        if no_ack {
+            self.forget(&message);
+        } else {
+            self.mark_delivered(&message);
             st.unacked += 1;
         }
         let c = &mut st.counters;
@@ -454,14 +719,20 @@ impl Queue {
         } else {
             &mut c.get_ack
         } += 1;
-        Some((message, st.ready.len() as u32))
+        Some((message, Queue::ready_len(&st) as u32))
     }
 
     /// Acknowledged messages leave the queue for good.
-    pub fn acked(&self, count: usize) {
+    pub fn acked(&self, messages: &[QueuedMessage]) {
         let mut st = self.state.lock();
-        st.unacked = st.unacked.saturating_sub(count);
-        st.counters.acked += count as u64;
+        st.unacked = st.unacked.saturating_sub(messages.len());
+        st.counters.acked += messages.len() as u64;
+        if st.deleted {
+            return; // the store dropped the whole queue
+        }
+        for m in messages {
+            self.forget(m);
+        }
     }
 
     /// Puts delivered messages back, in their original order, marked redelivered.
@@ -554,8 +825,14 @@ impl Queue {
     /// Empties the ready list; returns how many messages were removed.
     pub fn purge(&self) -> u32 {
         let mut st = self.state.lock();
-        let n = st.ready.len() as u32;
-        st.ready.clear();
+        let n = Queue::ready_len(&st) as u32;
+        for m in std::mem::take(&mut st.ready) {
+            self.forget(&m);
+        }
+        for p in std::mem::take(&mut st.paged) {
+            self.forget_paged(&p);
+        }
+        st.strip_from = 0;
         st.ready_bytes = 0;
         n
     }
@@ -571,7 +848,7 @@ impl Queue {
                 self.vhost
             )));
         }
-        if if_empty && !st.ready.is_empty() {
+        if if_empty && Queue::ready_len(&st) > 0 {
             return Err(AmqpError::precondition(format!(
                 "queue '{}' in vhost '{}' not empty",
                 self.name(),
@@ -579,15 +856,17 @@ impl Queue {
             )));
         }
         st.deleted = true;
-        let count = st.ready.len() as u32;
+        let count = Queue::ready_len(&st) as u32;
         st.ready.clear();
+        st.paged.clear();
+        st.strip_from = 0;
         st.ready_bytes = 0;
         Ok((count, std::mem::take(&mut st.consumers)))
     }
 
     /// Ready messages (what `queue.declare-ok` reports).
     pub fn message_count(&self) -> u32 {
-        self.state.lock().ready.len() as u32
+        Queue::ready_len(&self.state.lock()) as u32
     }
 
     pub fn consumer_count(&self) -> u32 {
@@ -617,7 +896,7 @@ impl Queue {
     /// Ready, unacked, ready bytes: for the management view.
     pub fn stats(&self) -> (usize, usize, usize) {
         let st = self.state.lock();
-        (st.ready.len(), st.unacked, st.ready_bytes)
+        (Queue::ready_len(&st), st.unacked, st.ready_bytes)
     }
 
     /// Checks that `connection` may use this queue (exclusive queues are locked to their owner).
@@ -681,4 +960,80 @@ fn non_negative(value: &AMQPValue) -> Result<u64, String> {
         other => return Err(unacceptable(other)),
     };
     u64::try_from(n).map_err(|_| format!("{{value_negative,{n}}}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::amqp::{auth::Users, Broker, Limits, LocalConnection};
+    use amq_protocol::protocol::basic::AMQPProperties;
+
+    fn body(n: usize) -> Vec<u8> {
+        format!("body-{n:06}").into_bytes()
+    }
+
+    /// Bodies past the in-memory window leave memory once on disk and come back in order,
+    /// also after a restart; purge removes paged messages from the store.
+    #[test]
+    fn a_long_durable_queue_pages_bodies_out_and_back_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("broker.redb");
+        let vhosts = ["/".to_string()];
+        let total = IN_MEMORY * 3 + 17;
+        let persistent = AMQPProperties::default().with_delivery_mode(2);
+        {
+            let broker = Broker::open(Limits::default(), Users::default(), &vhosts, &path).unwrap();
+            let mut conn = LocalConnection::open(&broker, "/", "guest").unwrap();
+            let mut ch = conn.channel();
+            ch.queue_declare("long", true, false, false, FieldTable::default())
+                .unwrap();
+            for n in 0..total {
+                ch.publish("", "long", false, &persistent, body(n)).unwrap();
+            }
+            assert!(broker.store.as_ref().unwrap().sync());
+            let q = broker.vhost("/").unwrap().queue("long").unwrap();
+            {
+                let st = q.state.lock();
+                assert_eq!(st.ready.len(), IN_MEMORY);
+                assert_eq!(st.paged.len(), total - IN_MEMORY);
+                assert!(
+                    st.paged.iter().all(|p| p.message.is_none()),
+                    "every paged body left memory once committed"
+                );
+            }
+            assert_eq!(q.message_count() as usize, total);
+            // Half of them through basic.get: in order, bodies intact.
+            for n in 0..total / 2 {
+                let got = ch.get("long", true).unwrap().expect("a message");
+                assert_eq!(got.message.body.as_ref(), body(n).as_slice());
+                assert_eq!(got.message_count as usize, total - n - 1);
+            }
+            broker.close_store();
+        }
+        let broker = Broker::open(Limits::default(), Users::default(), &vhosts, &path).unwrap();
+        let q = broker.vhost("/").unwrap().queue("long").unwrap();
+        assert_eq!(q.message_count() as usize, total - total / 2);
+        assert_eq!(
+            q.state.lock().ready.len(),
+            IN_MEMORY,
+            "restored into the window"
+        );
+        let mut conn = LocalConnection::open(&broker, "/", "guest").unwrap();
+        let mut ch = conn.channel();
+        for n in total / 2..total / 2 + 10 {
+            let got = ch.get("long", true).unwrap().expect("a message");
+            assert_eq!(got.message.body.as_ref(), body(n).as_slice());
+        }
+        assert_eq!(
+            q.purge() as usize,
+            total - total / 2 - 10,
+            "purge counts paged messages"
+        );
+        broker.close_store();
+        drop((ch, conn, q, broker));
+        let broker = Broker::open(Limits::default(), Users::default(), &vhosts, &path).unwrap();
+        let q = broker.vhost("/").unwrap().queue("long").unwrap();
+        assert_eq!(q.message_count(), 0, "purged messages left the store");
+        broker.close_store();
+    }
 }

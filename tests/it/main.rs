@@ -8,6 +8,7 @@ mod workflow;
 mod basic;
 mod cli;
 mod crash;
+mod durability;
 mod extensions;
 mod external;
 mod gpu;
