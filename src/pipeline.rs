@@ -16,11 +16,13 @@ use crate::conductor::plan::Plan;
 use crate::conductor::{relay, rpc};
 use crate::config::Config;
 use crate::hpc::local::LocalRunner;
+use crate::hpc::ssh::SshHost;
 use crate::protocol::topology::{topology, CONDUCTOR_QUEUE};
 use crate::protocol::{self, Command, NewCase, WorkerHeartbeat};
 use crate::store::Store;
 use crate::workers::archiver::{self, Archiver};
 use crate::workers::scanner::{self, CaseSink};
+use crate::workers::transfer::sftp::SftpBackend;
 use crate::workers::transfer::{self, TransferWorker};
 use crate::workers::{executor, Shutdown, WorkerStatus};
 
@@ -153,7 +155,7 @@ pub async fn start(
             tasks,
             status("executor"),
             shutdown.clone(),
-        );
+        )?;
     }
     if config.workers.transfer {
         spawn_role(
@@ -163,7 +165,7 @@ pub async fn start(
             tasks,
             status("transfer"),
             shutdown.clone(),
-        );
+        )?;
     }
     tasks.spawn(scanner::run(
         config.scanner.clone(),
@@ -201,7 +203,7 @@ pub async fn start(
     })
 }
 
-/// Starts one queue worker role.
+/// Starts one queue worker role. Fails when an `ssh` host's key cannot be loaded.
 pub fn spawn_role(
     config: &Config,
     role: Role,
@@ -209,7 +211,7 @@ pub fn spawn_role(
     tasks: &mut JoinSet<()>,
     status: Arc<WorkerStatus>,
     shutdown: Shutdown,
-) {
+) -> anyhow::Result<()> {
     match role {
         Role::Executor => {
             let runner = Arc::new(LocalRunner::new(
@@ -225,15 +227,20 @@ pub fn spawn_role(
             ));
         }
         Role::Transfer => {
-            let hosts = config
-                .hosts
-                .iter()
-                .map(|h| (h.name.clone(), config.work_root(h)))
-                .collect();
-            let worker = TransferWorker::new(vec![config.scan_dir(), config.results_dir()], hosts);
+            let mut hosts = Vec::new();
+            for h in &config.hosts {
+                let backend: Arc<dyn transfer::TransferBackend> = match SshHost::from_config(h) {
+                    None => Arc::new(transfer::LocalBackend),
+                    Some(ssh) => Arc::new(SftpBackend::new(ssh?)),
+                };
+                hosts.push((h.name.clone(), config.work_root(h), backend));
+            }
+            let worker =
+                TransferWorker::with_backends(vec![config.scan_dir(), config.results_dir()], hosts);
             tasks.spawn(transfer::run(bus, Arc::new(worker), status, shutdown));
         }
     }
+    Ok(())
 }
 
 /// Announces every worker of this process to the conductor every [`HEARTBEAT_SECS`]; a

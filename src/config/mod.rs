@@ -53,12 +53,7 @@ impl Default for Config {
             workers: WorkersConfig::default(),
             executor: ExecutorConfig::default(),
             archiver: ArchiverConfig::default(),
-            hosts: vec![HostConfig {
-                name: "local".into(),
-                kind: HostKind::Local,
-                work_root: PathBuf::new(),
-                gpus: Vec::new(),
-            }],
+            hosts: vec![HostConfig::local("local")],
             workflows: Default::default(),
         }
     }

@@ -13,4 +13,6 @@ mod external;
 mod handshake;
 mod pipeline;
 mod smoke;
+mod ssh;
+mod sshd;
 mod topology;
