@@ -16,6 +16,7 @@ use crate::conductor::plan::Plan;
 use crate::conductor::{relay, rpc};
 use crate::config::Config;
 use crate::hpc::local::LocalRunner;
+use crate::hpc::remote::RemoteRunner;
 use crate::hpc::ssh::SshHost;
 use crate::protocol::topology::{topology, CONDUCTOR_QUEUE};
 use crate::protocol::{self, Command, NewCase, WorkerHeartbeat};
@@ -218,9 +219,23 @@ pub fn spawn_role(
                 config.data_dir.join("attempts"),
                 config.executor.output_tail_bytes,
             ));
-            tasks.spawn(executor::run(
+            let mut ssh_hosts = Vec::new();
+            for h in &config.hosts {
+                if let Some(ssh) = SshHost::from_config(h) {
+                    ssh_hosts.push((h.name.clone(), ssh?, config.work_root(h)));
+                }
+            }
+            let remote = (!ssh_hosts.is_empty()).then(|| {
+                Arc::new(RemoteRunner::new(
+                    config.data_dir.join("attempts"),
+                    ssh_hosts,
+                    config.executor.output_tail_bytes,
+                ))
+            });
+            tasks.spawn(executor::run_with_remote(
                 bus,
                 runner,
+                remote,
                 config.executor.clone(),
                 status,
                 shutdown,

@@ -512,3 +512,452 @@ async fn hostile_names_and_escaping_paths_do_no_harm() {
         .unwrap_err();
     assert!(matches!(err, TransferFailure::PathRefused(_)), "{err}");
 }
+
+// ---- Remote execution ------------------------------------------------------------------
+
+use mqic::conductor::template::shell_quote;
+use mqic::hpc::local::Outcome;
+use mqic::hpc::remote::RemoteRunner;
+use mqic::protocol::ExecuteRequest;
+
+struct Remote {
+    _dir: tempfile::TempDir,
+    root: PathBuf,
+    work: PathBuf,
+}
+
+fn remote_fixture() -> Remote {
+    let dir = tempfile::tempdir().unwrap();
+    let root = std::fs::canonicalize(dir.path()).unwrap();
+    let r = Remote {
+        root: root.join("attempts"),
+        work: root.join("remote-work"),
+        _dir: dir,
+    };
+    std::fs::create_dir_all(&r.work).unwrap();
+    r
+}
+
+fn runner(sshd: &Sshd, r: &Remote) -> RemoteRunner {
+    let host = Arc::new(SshHost::new(sshd.target("gpu1")).unwrap());
+    RemoteRunner::new(&r.root, vec![("gpu1".into(), host, r.work.clone())], 4096)
+        .with_kill_grace(std::time::Duration::from_millis(500))
+}
+
+fn exec_request(attempt: u32, command: &str) -> ExecuteRequest {
+    ExecuteRequest {
+        step: StepRef {
+            case_id: "case-9".into(),
+            step: "simulate".into(),
+            attempt,
+        },
+        host: "gpu1".into(),
+        command: command.into(),
+        workdir: None,
+        gpu_id: Some(1),
+        timeout_secs: 600,
+        progress_patterns: vec![r"Generating particles for \((\d+) of (\d+) batches\)".into()],
+        retryable_patterns: vec!["No free GPU remains".into()],
+    }
+}
+
+fn process_gone(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        // A zombie waiting for its reaper is gone for our purpose.
+        Ok(stat) => stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|rest| rest.trim_start().starts_with('Z')),
+    }
+}
+
+async fn poll_until(what: &str, mut cond: impl FnMut() -> bool) {
+    within(what, async {
+        while !cond() {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    })
+    .await
+}
+
+fn read_pid_file(path: &Path) -> Option<u32> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+#[tokio::test]
+async fn a_remote_step_reports_exit_codes_output_progress_and_retryable_patterns() {
+    let Some(sshd) =
+        sshd("a_remote_step_reports_exit_codes_output_progress_and_retryable_patterns")
+    else {
+        return;
+    };
+    let r = remote_fixture();
+    let runner = runner(&sshd, &r);
+    let req = exec_request(
+        1,
+        "for i in 1 2 3 4; do echo \"Generating particles for ($i of 4 batches)\"; sleep 0.2; done; \
+         echo \"gpu=$MQIC_GPU_ID case=$MQIC_CASE_ID\"; echo to-stderr >&2",
+    );
+    let handle = runner.start_or_attach(&req).await.unwrap();
+    assert!(!handle.reattached());
+    assert!(handle.pid().is_some());
+    let mut seen = Vec::new();
+    let outcome = within("wait", handle.wait(|p| seen.push(p.fraction))).await;
+    let Outcome::Succeeded {
+        tail, exit_code, ..
+    } = outcome
+    else {
+        panic!("expected success, got {outcome:?}");
+    };
+    assert_eq!(exit_code, 0);
+    assert!(tail.contains("gpu=1 case=case-9"), "{tail}");
+    assert!(tail.contains("to-stderr"), "{tail}");
+    assert_eq!(seen.last(), Some(&1.0));
+    assert!(seen.windows(2).all(|w| w[0] < w[1]), "{seen:?}");
+
+    let outcome = within(
+        "fail",
+        runner
+            .start_or_attach(&exec_request(2, "echo 'FATAL ERROR: dose grid'; exit 3"))
+            .await
+            .unwrap()
+            .wait(|_| {}),
+    )
+    .await;
+    assert!(
+        matches!(outcome, Outcome::Failed { exit_code: 3, retryable: false, ref tail, .. } if tail.contains("dose grid")),
+        "{outcome:?}"
+    );
+    let outcome = within(
+        "nogpu",
+        runner
+            .start_or_attach(&exec_request(
+                3,
+                "echo 'No free GPU remains after BeamLayerMultiGpu filtering'; exit 1",
+            ))
+            .await
+            .unwrap()
+            .wait(|_| {}),
+    )
+    .await;
+    assert!(
+        matches!(
+            outcome,
+            Outcome::Failed {
+                exit_code: 1,
+                retryable: true,
+                ..
+            }
+        ),
+        "{outcome:?}"
+    );
+
+    // A hostile command text stays one command; the remote directory is the attempt's own.
+    let outcome = within(
+        "quoting",
+        runner
+            .start_or_attach(&exec_request(4, "echo '$(touch pwned)' \"a'b\""))
+            .await
+            .unwrap()
+            .wait(|_| {}),
+    )
+    .await;
+    assert!(
+        matches!(outcome, Outcome::Succeeded { ref tail, .. } if tail.contains("$(touch pwned) a'b")),
+        "{outcome:?}"
+    );
+    assert!(r
+        .work
+        .join(".mqic-attempts/case-9/simulate/4/exit")
+        .exists());
+}
+
+#[tokio::test]
+async fn timeout_and_cancel_kill_the_whole_remote_process_group() {
+    let Some(sshd) = sshd("timeout_and_cancel_kill_the_whole_remote_process_group") else {
+        return;
+    };
+    let r = remote_fixture();
+    let runner = runner(&sshd, &r);
+    let gc = r.work.join("grandchild.pid");
+    let mut req = exec_request(
+        1,
+        &format!(
+            "trap '' TERM; sleep 300 & echo $! > {}; echo started; wait",
+            shell_quote(&gc.display().to_string())
+        ),
+    );
+    req.timeout_secs = 1;
+    let outcome = within(
+        "timeout",
+        runner.start_or_attach(&req).await.unwrap().wait(|_| {}),
+    )
+    .await;
+    assert!(
+        matches!(outcome, Outcome::TimedOut { ref tail } if tail.contains("started")),
+        "{outcome:?}"
+    );
+    let gc_pid = read_pid_file(&gc).expect("the step wrote its grandchild's pid");
+    poll_until("grandchild gone after the timeout", || process_gone(gc_pid)).await;
+
+    let gc2 = r.work.join("grandchild2.pid");
+    let req = exec_request(
+        2,
+        &format!(
+            "sleep 300 & echo $! > {}; wait",
+            shell_quote(&gc2.display().to_string())
+        ),
+    );
+    let handle = runner.start_or_attach(&req).await.unwrap();
+    let wrapper = handle.pid().unwrap();
+    let waiter = tokio::spawn(handle.wait(|_| {}));
+    poll_until("grandchild started", || read_pid_file(&gc2).is_some()).await;
+    assert!(runner.cancel("gpu1", &req.step).await.unwrap());
+    let outcome = within("cancel", waiter).await.unwrap();
+    assert!(matches!(outcome, Outcome::Cancelled { .. }), "{outcome:?}");
+    let gc2_pid = read_pid_file(&gc2).unwrap();
+    poll_until("grandchild gone after the cancel", || process_gone(gc2_pid)).await;
+    assert!(process_gone(wrapper));
+}
+
+#[tokio::test]
+async fn a_new_runner_reattaches_to_a_running_remote_step_instead_of_starting_it_again() {
+    let Some(sshd) =
+        sshd("a_new_runner_reattaches_to_a_running_remote_step_instead_of_starting_it_again")
+    else {
+        return;
+    };
+    let r = remote_fixture();
+    let ledger = r.work.join("ledger");
+    let go = r.work.join("go");
+    let req = exec_request(
+        1,
+        &format!(
+            "echo run >> {l}; echo 'Generating particles for (1 of 2 batches)'; \
+             i=0; while [ ! -e {g} ] && [ $i -lt 1200 ]; do sleep 0.05; i=$((i+1)); done; \
+             echo 'Generating particles for (2 of 2 batches)'",
+            l = shell_quote(&ledger.display().to_string()),
+            g = shell_quote(&go.display().to_string()),
+        ),
+    );
+    let first = runner(&sshd, &r);
+    let handle = first.start_or_attach(&req).await.unwrap();
+    let pid = handle.pid();
+    poll_until("ledger written", || ledger.exists()).await;
+    drop(handle);
+    drop(first);
+
+    let after = runner(&sshd, &r);
+    assert_eq!(after.unreported().await.unwrap(), vec![req.clone()]);
+    let handle = after.start_or_attach(&req).await.unwrap();
+    assert!(handle.reattached());
+    if handle.is_finished() {
+        panic!("finished already: {:?}", handle.wait(|_| {}).await);
+    }
+    assert_eq!(handle.pid(), pid);
+    std::fs::write(&go, "").unwrap();
+    let mut seen = Vec::new();
+    let outcome = within("wait", handle.wait(|p| seen.push(p.fraction))).await;
+    assert!(matches!(outcome, Outcome::Succeeded { .. }), "{outcome:?}");
+    assert_eq!(seen.last(), Some(&1.0));
+    assert_eq!(std::fs::read_to_string(&ledger).unwrap(), "run\n");
+
+    // Finished now: attaching again collects the exit, runs nothing.
+    let later = runner(&sshd, &r);
+    let handle = later.start_or_attach(&req).await.unwrap();
+    assert!(handle.is_finished());
+    let again = within("finished", handle.wait(|_| {})).await;
+    assert!(matches!(again, Outcome::Succeeded { .. }), "{again:?}");
+    assert_eq!(std::fs::read_to_string(&ledger).unwrap(), "run\n");
+}
+
+// ---- The whole pipeline on the sshd host -------------------------------------------------
+
+/// The demo workflow with every step on the ssh host `gpu`: upload, interpret and simulate
+/// run there, results come back. `ledger` is named in the commands (the server's
+/// environment is not mqic's).
+fn ssh_workflow_text(data_dir: &Path, sshd: &Sshd, remote: &Path, ledger: &Path) -> String {
+    let bin = mqic::demo::run::standin_dir(data_dir);
+    mqic::demo::write_standins(&bin).unwrap();
+    let q = |p: &Path| {
+        shell_quote(&p.display().to_string())
+            .replace('{', "{{")
+            .replace('}', "}}")
+    };
+    let host = sshd.host_config("gpu", remote, vec![0, 1]);
+    format!(
+        r#"
+data_dir = {data:?}
+[log]
+level = "warn"
+[amqp]
+listen = "127.0.0.1:0"
+[conductor]
+default_workflow = "demo"
+[archiver]
+interval_secs = 0
+[[hosts]]
+name = "local"
+[[hosts]]
+name = "gpu"
+kind = "ssh"
+address = "127.0.0.1"
+port = {port}
+user = {user:?}
+key_file = {key:?}
+known_hosts = {kh:?}
+work_root = {remote:?}
+gpus = [0, 1]
+[[workflows.demo.steps]]
+name = "upload"
+kind = "upload"
+host = "gpu"
+timeout_secs = 120
+[[workflows.demo.steps]]
+name = "interpret"
+kind = "execute"
+host = "gpu"
+timeout_secs = 120
+command = "MQIC_LEDGER={ledger} sh {interp} {{remote_case_dir}}/input {{remote_case_dir}}/tps"
+[[workflows.demo.steps]]
+name = "simulate"
+kind = "execute"
+host = "gpu"
+gpu = true
+timeout_secs = 600
+command = "MQIC_LEDGER={ledger} MQIC_DEMO_BATCH_SLEEP=0.3 sh {moqui} {{remote_case_dir}}/input {{remote_case_dir}}/output {{gpu_id}}"
+progress = ['Generating particles for \((\d+) of (\d+) batches\)']
+retryable_patterns = ['No free GPU remains']
+retry = {{ max_attempts = 3, backoff_initial_secs = 0.2, backoff_max_secs = 1 }}
+[[workflows.demo.steps]]
+name = "download"
+kind = "download"
+host = "gpu"
+timeout_secs = 120
+"#,
+        data = data_dir.display().to_string(),
+        port = host.port,
+        user = host.user,
+        key = host.key_file.display().to_string(),
+        kh = host.known_hosts.display().to_string(),
+        remote = remote.display().to_string(),
+        ledger = q(ledger),
+        interp = q(&bin.join("interpreter-standin.sh")),
+        moqui = q(&bin.join("moqui-standin.sh")),
+    )
+}
+
+fn serve(config: &Path) -> std::process::Child {
+    use std::io::BufRead;
+    let mut child = crate::process::mqic()
+        .args(["serve", "--config"])
+        .arg(config)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("mqic starts");
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.as_mut().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.starts_with("amqp listening on"), "{line:?}");
+    child
+}
+
+#[test]
+fn the_pipeline_runs_on_the_ssh_host_and_survives_kill_9_mid_step() {
+    use mqic::store::records::CaseStatus;
+    use mqic::store::Store;
+    let Some(sshd) = sshd("the_pipeline_runs_on_the_ssh_host_and_survives_kill_9_mid_step") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let root = std::fs::canonicalize(dir.path()).unwrap();
+    let data = root.join("data");
+    let remote = root.join("gpu-work");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::create_dir_all(&remote).unwrap();
+    let ledger = root.join("ledger");
+    let config = root.join("mqic.toml");
+    std::fs::write(&config, ssh_workflow_text(&data, &sshd, &remote, &ledger)).unwrap();
+    let scan = data.join("cases");
+    std::fs::create_dir_all(&scan).unwrap();
+
+    let mut child = serve(&config);
+    let id = crate::workflow::drop_case(&scan, 901);
+    // Kill mqic while the simulation runs on the host.
+    let sim = remote
+        .join(".mqic-attempts")
+        .join(&id)
+        .join("simulate")
+        .join("1");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while !sim.join("pid").exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the simulation never started"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(!sim.join("exit").exists(), "killed mid-step");
+    let pid = read_pid_file(&sim.join("pid")).unwrap();
+    assert!(!process_gone(pid), "the step runs on without mqic");
+
+    let mut child = serve(&config);
+    let results = data.join("results").join(&id);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(180);
+    loop {
+        let output = remote.join(&id).join("output");
+        let arrived = results.is_dir()
+            && output.is_dir()
+            && !hashes(&output).is_empty()
+            && hashes(&results) == hashes(&output);
+        if arrived && crate::workflow::ledger(&ledger).len() >= 2 {
+            // Give the report a moment to reach the store before stopping.
+            std::thread::sleep(std::time::Duration::from_secs(1));
+            // SAFETY: the child is ours.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            child.wait().unwrap();
+            let store = Store::open(&data.join("mqic.redb")).unwrap();
+            let case = store.case(&id.as_str().into()).unwrap().unwrap();
+            if case.status == CaseStatus::Completed {
+                break;
+            }
+            assert_ne!(case.status, CaseStatus::Failed, "{case:#?}");
+            drop(store);
+            child = serve(&config);
+            std::thread::sleep(std::time::Duration::from_secs(3));
+        }
+        if std::time::Instant::now() > deadline {
+            // SAFETY: the child is ours.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            child.wait().unwrap();
+            let store = Store::open(&data.join("mqic.redb")).unwrap();
+            panic!(
+                "the case did not complete: {:#?}\nhistory: {:#?}\nledger: {:?}",
+                store.case(&id.as_str().into()).unwrap(),
+                store.history(&id.as_str().into()).unwrap(),
+                crate::workflow::ledger(&ledger)
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let lines = crate::workflow::ledger(&ledger);
+    for step in ["interpret", "simulate"] {
+        let runs = lines
+            .iter()
+            .filter(|l| l.starts_with(&format!("{id} {step} ")))
+            .count();
+        assert_eq!(runs, 1, "{step} ran {runs} times: {lines:?}");
+    }
+    assert_eq!(
+        hashes(&results),
+        hashes(&remote.join(&id).join("output")),
+        "the results came back intact"
+    );
+    assert!(!hashes(&results).is_empty());
+}
