@@ -12,7 +12,8 @@
 //! - [`store`]: `mqic.redb`: cases, history, GPU leases, the outbox, events, archives.
 //! - [`conductor`]: the case state machine and its driver.
 //! - [`workers`]: scanner, executor, transfer, archiver.
-//! - [`hpc`]: where steps run (the local backend).
+//! - [`hpc`]: where steps run: this machine (`local`), or a GPU server over SSH (`ssh`: one
+//!   session per host; `remote`: detached steps there). SFTP transfers: `workers::transfer::sftp`.
 //! - [`logbus`]: log lines on the `mqic.logs` exchange, by severity.
 //! - [`pipeline`]: wiring: store, recovery, bus, and every worker task.
 //! - [`demo`]: synthetic cases, MOQUI and interpreter stand-ins, the demo's progress view.

@@ -517,6 +517,10 @@ struct Round {
     mismatches: Vec<String>,
 }
 
+/// What a verify batch gives back: a verdict per file, or the failure with the files whose
+/// temporaries are to be removed.
+type Verified = Result<Vec<(usize, Verdict)>, (Vec<usize>, TransferFailure)>;
+
 /// How one verified copy ended.
 enum Verdict {
     Placed(u64),
@@ -542,8 +546,7 @@ async fn run_round(
     let (_, dst_side) = direction.sides();
     let mut queue = pending.iter().copied();
     let mut copying: JoinSet<(usize, Result<(), TransferFailure>)> = JoinSet::new();
-    let mut verifying: JoinSet<Result<Vec<(usize, Verdict)>, (Vec<usize>, TransferFailure)>> =
-        JoinSet::new();
+    let mut verifying: JoinSet<Verified> = JoinSet::new();
     let mut ready: Vec<usize> = Vec::new();
     let mut leftovers: Vec<usize> = Vec::new();
     let mut failure = None;
@@ -649,7 +652,7 @@ async fn verify_batch(
     backend: Arc<dyn TransferBackend>,
     side: Side,
     batch: Vec<(usize, PathBuf, PathBuf, FileDigest)>,
-) -> Result<Vec<(usize, Verdict)>, (Vec<usize>, TransferFailure)> {
+) -> Verified {
     let ids = || batch.iter().map(|b| b.0).collect::<Vec<_>>();
     let temps: Vec<PathBuf> = batch.iter().map(|b| b.1.clone()).collect();
     let written = match backend.hash_many(side, temps).await {
