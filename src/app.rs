@@ -240,7 +240,7 @@ pub async fn worker(mut config: Config, role: pipeline::Role) -> anyhow::Result<
         &mut tasks,
         status.clone(),
         rx.clone(),
-    );
+    )?;
     tasks.spawn(pipeline::heartbeats(
         bus.clone(),
         vec![(role.name(), status)],

@@ -13,7 +13,8 @@
 //! - [`store`]: `mqic.redb`: cases, history, GPU leases, the outbox, events, archives.
 //! - [`conductor`]: the case state machine and its driver.
 //! - [`workers`]: scanner, executor, transfer, archiver, curator (GPU monitoring).
-//! - [`hpc`]: where steps run (the local backend).
+//! - [`hpc`]: where steps run: this machine (`local`), or a GPU server over SSH (`ssh`: one
+//!   session per host; `remote`: detached steps there). SFTP transfers: `workers::transfer::sftp`.
 //! - [`gpu`]: GPU monitoring (NVML, `nvidia-smi` by column header) and the lease rule that
 //!   keeps missing, failed, full or occupied GPUs from being leased.
 //! - [`logbus`]: log lines on the `mqic.logs` exchange, by severity.

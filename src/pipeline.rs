@@ -16,12 +16,15 @@ use crate::conductor::plan::Plan;
 use crate::conductor::{relay, rpc};
 use crate::config::Config;
 use crate::hpc::local::LocalRunner;
+use crate::hpc::remote::RemoteRunner;
+use crate::hpc::ssh::SshHost;
 use crate::protocol::topology::{topology, CONDUCTOR_QUEUE};
 use crate::protocol::{self, Command, NewCase, WorkerHeartbeat};
 use crate::store::Store;
 use crate::workers::archiver::{self, Archiver};
 use crate::workers::curator::{self, Curator, HostProbe};
 use crate::workers::scanner::{self, CaseSink};
+use crate::workers::transfer::sftp::SftpBackend;
 use crate::workers::transfer::{self, TransferWorker};
 use crate::workers::{executor, Shutdown, WorkerStatus};
 
@@ -154,7 +157,7 @@ pub async fn start(
             tasks,
             status("executor"),
             shutdown.clone(),
-        );
+        )?;
     }
     if config.workers.transfer {
         spawn_role(
@@ -164,7 +167,7 @@ pub async fn start(
             tasks,
             status("transfer"),
             shutdown.clone(),
-        );
+        )?;
     }
     tasks.spawn(scanner::run(
         config.scanner.clone(),
@@ -220,7 +223,7 @@ pub async fn start(
     })
 }
 
-/// Starts one queue worker role.
+/// Starts one queue worker role. Fails when an `ssh` host's key cannot be loaded.
 pub fn spawn_role(
     config: &Config,
     role: Role,
@@ -228,31 +231,50 @@ pub fn spawn_role(
     tasks: &mut JoinSet<()>,
     status: Arc<WorkerStatus>,
     shutdown: Shutdown,
-) {
+) -> anyhow::Result<()> {
     match role {
         Role::Executor => {
             let runner = Arc::new(LocalRunner::new(
                 config.data_dir.join("attempts"),
                 config.executor.output_tail_bytes,
             ));
-            tasks.spawn(executor::run(
+            let mut ssh_hosts = Vec::new();
+            for h in &config.hosts {
+                if let Some(ssh) = SshHost::from_config(h) {
+                    ssh_hosts.push((h.name.clone(), ssh?, config.work_root(h)));
+                }
+            }
+            let remote = (!ssh_hosts.is_empty()).then(|| {
+                Arc::new(RemoteRunner::new(
+                    config.data_dir.join("attempts"),
+                    ssh_hosts,
+                    config.executor.output_tail_bytes,
+                ))
+            });
+            tasks.spawn(executor::run_with_remote(
                 bus,
                 runner,
+                remote,
                 config.executor.clone(),
                 status,
                 shutdown,
             ));
         }
         Role::Transfer => {
-            let hosts = config
-                .hosts
-                .iter()
-                .map(|h| (h.name.clone(), config.work_root(h)))
-                .collect();
-            let worker = TransferWorker::new(vec![config.scan_dir(), config.results_dir()], hosts);
+            let mut hosts = Vec::new();
+            for h in &config.hosts {
+                let backend: Arc<dyn transfer::TransferBackend> = match SshHost::from_config(h) {
+                    None => Arc::new(transfer::LocalBackend),
+                    Some(ssh) => Arc::new(SftpBackend::new(ssh?)),
+                };
+                hosts.push((h.name.clone(), config.work_root(h), backend));
+            }
+            let worker =
+                TransferWorker::with_backends(vec![config.scan_dir(), config.results_dir()], hosts);
             tasks.spawn(transfer::run(bus, Arc::new(worker), status, shutdown));
         }
     }
+    Ok(())
 }
 
 /// Announces every worker of this process to the conductor every [`HEARTBEAT_SECS`]; a

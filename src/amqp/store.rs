@@ -529,9 +529,10 @@ fn writer(db: Arc<Database>, shared: Arc<Shared>, path: PathBuf) {
             shared.commits.fetch_add(1, Ordering::Relaxed);
             // Paging queues may now drop the bodies of what this commit wrote.
             let mut written: Vec<(Weak<Queue>, u64)> = Vec::new();
+            let mut barriers = Vec::new();
             for op in ops.drain(..) {
                 match op {
-                    Op::Barrier(f) => f(ok),
+                    Op::Barrier(f) => barriers.push(f),
                     Op::Publish {
                         seq,
                         paged: Some(q),
@@ -547,6 +548,10 @@ fn writer(db: Arc<Database>, shared: Arc<Shared>, path: PathBuf) {
                 if let Some(q) = q.upgrade() {
                     q.committed(seq);
                 }
+            }
+            // Barriers last, so whoever waits on one also sees the bodies paged out.
+            for f in barriers {
+                f(ok);
             }
         }
         if closing && shared.pending.lock().ops.is_empty() {

@@ -78,6 +78,9 @@ impl Default for ScannerConfig {
 pub enum HostKind {
     /// This machine: steps run as child processes, transfers are local copies.
     Local,
+    /// A server reached over SSH ([`crate::hpc::ssh`]): steps run through a detaching
+    /// wrapper, transfers go over SFTP and are verified by `sha256sum` on the server.
+    Ssh,
 }
 
 /// `[[hosts]]`: a machine steps run on.
@@ -96,6 +99,93 @@ pub struct HostConfig {
     /// A monitored GPU with less free memory than this is not leased.
     #[serde(default = "default_min_free_memory_mib")]
     pub min_free_memory_mib: u64,
+    /// `ssh` hosts: the server's name or IP address.
+    #[serde(default)]
+    pub address: String,
+    /// `ssh` hosts: the SSH port.
+    #[serde(default = "ssh_port")]
+    pub port: u16,
+    /// `ssh` hosts: the user to log in as.
+    #[serde(default)]
+    pub user: String,
+    /// `ssh` hosts: the private key (OpenSSH format, unencrypted); keep it mode 600.
+    #[serde(default)]
+    pub key_file: PathBuf,
+    /// `ssh` hosts: the known_hosts file the server's key is checked against.
+    #[serde(default)]
+    pub known_hosts: PathBuf,
+    /// `ssh` hosts: accept and record an unknown server key (never a changed one).
+    #[serde(default)]
+    pub accept_new: bool,
+}
+
+fn ssh_port() -> u16 {
+    22
+}
+
+impl HostConfig {
+    /// A `local` host with no GPUs and the default work root.
+    pub fn local(name: &str) -> HostConfig {
+        HostConfig {
+            name: name.into(),
+            kind: HostKind::Local,
+            work_root: PathBuf::new(),
+            gpus: Vec::new(),
+            min_free_memory_mib: default_min_free_memory_mib(),
+            address: String::new(),
+            port: ssh_port(),
+            user: String::new(),
+            key_file: PathBuf::new(),
+            known_hosts: PathBuf::new(),
+            accept_new: false,
+        }
+    }
+
+    /// The checks of one host's own keys. Errors name the key: `hosts[gpu1].user: ...`.
+    pub fn validate(&self) -> Result<(), String> {
+        let key = |field: &str| format!("hosts[{}].{field}", self.name);
+        match self.kind {
+            HostKind::Local => {
+                let set = [
+                    ("address", !self.address.is_empty()),
+                    ("user", !self.user.is_empty()),
+                    ("key_file", !self.key_file.as_os_str().is_empty()),
+                    ("known_hosts", !self.known_hosts.as_os_str().is_empty()),
+                    ("accept_new", self.accept_new),
+                    ("port", self.port != ssh_port()),
+                ];
+                if let Some((field, _)) = set.iter().find(|(_, set)| *set) {
+                    return Err(format!("{}: only for kind = \"ssh\"", key(field)));
+                }
+            }
+            HostKind::Ssh => {
+                if self.address.trim().is_empty() {
+                    return Err(format!("{}: an ssh host needs an address", key("address")));
+                }
+                if self.port == 0 {
+                    return Err(format!("{}: must be 1 to 65535", key("port")));
+                }
+                if self.user.is_empty() {
+                    return Err(format!("{}: an ssh host needs a user", key("user")));
+                }
+                for (field, path) in [
+                    ("key_file", &self.key_file),
+                    ("known_hosts", &self.known_hosts),
+                ] {
+                    if path.as_os_str().is_empty() {
+                        return Err(format!("{}: an ssh host needs one", key(field)));
+                    }
+                }
+                if !self.work_root.is_absolute() {
+                    return Err(format!(
+                        "{}: an ssh host needs an absolute work root on the server",
+                        key("work_root")
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 fn local_kind() -> HostKind {
@@ -403,6 +493,7 @@ impl PipelineConfig<'_> {
             if !names.insert(h.name.as_str()) {
                 return Err(format!("hosts: the name '{}' is used twice", h.name));
             }
+            h.validate()?;
         }
         if !self.workflows.is_empty()
             && !self

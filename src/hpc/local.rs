@@ -48,6 +48,9 @@ const CANCELLED: &str = "cancelled";
 const TIMED_OUT: &str = "timed_out";
 const SPAWN_FAILED: &str = "spawn_failed";
 const REPORTED: &str = "reported";
+/// In an attempt directory of a step run on an SSH host ([`crate::hpc::remote`]): the host's
+/// name. The local runner leaves such attempts to the remote runner.
+pub(crate) const REMOTE_HOST: &str = "remote_host";
 
 /// How often a waiting handle looks at the attempt directory.
 const POLL: Duration = Duration::from_millis(200);
@@ -84,6 +87,9 @@ pub enum LocalError {
     /// `sh` could not be started for the attempt.
     #[error("cannot start the step: {0}")]
     Spawn(String),
+    /// The SSH host could not start or reach the attempt.
+    #[error("{detail}")]
+    Remote { detail: String, retryable: bool },
     /// The attempt directory could not be read or written (a full disk, permissions).
     #[error("{path}: {source}")]
     Io {
@@ -93,7 +99,7 @@ pub enum LocalError {
     },
 }
 
-fn io_err(path: &Path) -> impl FnOnce(io::Error) -> LocalError + '_ {
+pub(crate) fn io_err(path: &Path) -> impl FnOnce(io::Error) -> LocalError + '_ {
     move |source| LocalError::Io {
         path: path.to_path_buf(),
         source,
@@ -645,13 +651,13 @@ impl Watch {
 
 /// The compiled patterns of a request.
 #[derive(Debug, Default)]
-struct Patterns {
+pub(crate) struct Patterns {
     progress: Vec<Regex>,
     retryable: Vec<Regex>,
 }
 
 impl Patterns {
-    fn compile(request: &ExecuteRequest) -> Result<Patterns, LocalError> {
+    pub(crate) fn compile(request: &ExecuteRequest) -> Result<Patterns, LocalError> {
         let compile = |list: &[String]| {
             list.iter()
                 .map(|p| {
@@ -687,7 +693,7 @@ impl Patterns {
 
 /// Follows `output.log`: complete lines go through the patterns, the last bytes are kept.
 #[derive(Debug)]
-struct Output {
+pub(crate) struct Output {
     path: PathBuf,
     file: Option<File>,
     offset: u64,
@@ -766,6 +772,44 @@ impl Output {
     }
 
     /// Reads everything that is left and treats a final unterminated line as a line.
+    /// An output fed by [`Output::feed`] rather than read from a file (a remote log);
+    /// `mid_line`: the first bytes fed may be the end of a line seen only in part.
+    pub(crate) fn fed(tail_cap: usize, patterns: Patterns, mid_line: bool) -> Output {
+        Output {
+            path: PathBuf::new(),
+            file: None,
+            offset: 0,
+            skip_fragment: mid_line,
+            line: Vec::new(),
+            tail: Vec::new(),
+            tail_cap,
+            patterns,
+            last_fraction: None,
+            matched_retryable: None,
+        }
+    }
+
+    /// Takes new bytes of a fed output; returns the progress they show and the complete
+    /// lines among them.
+    pub(crate) fn feed(&mut self, bytes: &[u8]) -> Vec<Progress> {
+        let mut progress = Vec::new();
+        self.consume(bytes, &mut progress);
+        progress
+    }
+
+    /// A fed output has ended: a final unterminated line counts as a line.
+    pub(crate) fn finish(&mut self) {
+        if !self.line.is_empty() {
+            let line = std::mem::take(&mut self.line);
+            self.on_line(&line, &mut Vec::new());
+        }
+    }
+
+    /// The first retryable pattern that matched a line.
+    pub(crate) fn matched_retryable(&self) -> Option<&str> {
+        self.matched_retryable.as_deref()
+    }
+
     fn read_to_end(&mut self) {
         for _ in 0..1024 {
             let before = self.offset;
@@ -836,7 +880,7 @@ impl Output {
     }
 
     /// The last `tail_cap` bytes, starting on a character boundary.
-    fn tail(&self) -> String {
+    pub(crate) fn tail(&self) -> String {
         let mut bytes = &self.tail[self.tail.len().saturating_sub(self.tail_cap)..];
         while let Some((first, rest)) = bytes.split_first() {
             if first & 0b1100_0000 != 0b1000_0000 {
@@ -920,6 +964,12 @@ fn wrapper_script(request: &ExecuteRequest) -> String {
 }
 
 fn unreported(root: &Path) -> Result<Vec<ExecuteRequest>, LocalError> {
+    unreported_in(root, false)
+}
+
+/// The unreported attempts under `root`: those run here (`remote` false) or those run on an
+/// SSH host (`remote` true, told apart by their [`REMOTE_HOST`] record).
+pub(crate) fn unreported_in(root: &Path, remote: bool) -> Result<Vec<ExecuteRequest>, LocalError> {
     let mut found = Vec::new();
     let entries = |dir: &Path| -> Result<Vec<(String, PathBuf)>, LocalError> {
         let mut out = Vec::new();
@@ -951,7 +1001,10 @@ fn unreported(root: &Path) -> Result<Vec<ExecuteRequest>, LocalError> {
                 let Ok(n) = attempt.parse::<u32>() else {
                     continue;
                 };
-                if n.to_string() != attempt || dir.join(REPORTED).exists() {
+                if n.to_string() != attempt
+                    || dir.join(REPORTED).exists()
+                    || dir.join(REMOTE_HOST).exists() != remote
+                {
                     continue;
                 }
                 let step_ref = StepRef {
@@ -990,7 +1043,7 @@ pub(crate) fn label(step: &StepRef) -> String {
 }
 
 /// A case id or step name is one plain path part: no separators, no `.`/`..`, no hidden names.
-fn check_id(what: &'static str, value: &str) -> Result<(), LocalError> {
+pub(crate) fn check_id(what: &'static str, value: &str) -> Result<(), LocalError> {
     let ok = !value.is_empty()
         && value.len() <= MAX_ID_LEN
         && !value.starts_with('.')
@@ -1008,7 +1061,7 @@ fn check_id(what: &'static str, value: &str) -> Result<(), LocalError> {
 }
 
 /// Writes a small file whole: to `<name>.tmp`, then renamed over `<name>`.
-fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), LocalError> {
+pub(crate) fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), LocalError> {
     let tmp = dir.join(format!("{name}.tmp"));
     fs::write(&tmp, bytes).map_err(io_err(&tmp))?;
     let path = dir.join(name);
@@ -1029,7 +1082,7 @@ fn read_exit(dir: &Path) -> Option<i32> {
 }
 
 /// When the attempt started: the `started` record, else the directory's mtime.
-fn started_at(dir: &Path) -> SystemTime {
+pub(crate) fn started_at(dir: &Path) -> SystemTime {
     fs::read_to_string(dir.join(STARTED))
         .ok()
         .and_then(|s| s.trim().parse::<u64>().ok())
@@ -1042,7 +1095,7 @@ fn mtime(path: &Path) -> Option<SystemTime> {
     fs::metadata(path).and_then(|m| m.modified()).ok()
 }
 
-fn now_ms() -> u128 {
+pub(crate) fn now_ms() -> u128 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()

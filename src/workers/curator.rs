@@ -43,18 +43,31 @@ pub struct HostProbe {
 
 impl HostProbe {
     /// The probes for the configured hosts that list GPUs. Local hosts get a
-    /// [`LocalCommandRunner`]; an SSH host adds its own runner here.
+    /// [`LocalCommandRunner`]; SSH hosts run the same commands over their session.
     pub fn from_config(config: &Config) -> Vec<HostProbe> {
         config
             .hosts
             .iter()
             .filter(|h| !h.gpus.is_empty())
-            .map(|h| match h.kind {
-                HostKind::Local => HostProbe {
+            .filter_map(|h| match h.kind {
+                HostKind::Local => Some(HostProbe {
                     host: h.name.clone(),
                     gpus: h.gpus.clone(),
                     local: true,
                     runner: Arc::new(LocalCommandRunner::new(h.name.clone())),
+                }),
+                // nvidia-smi over the host's one SSH session.
+                HostKind::Ssh => match crate::hpc::ssh::SshHost::from_config(h)? {
+                    Ok(ssh) => Some(HostProbe {
+                        host: h.name.clone(),
+                        gpus: h.gpus.clone(),
+                        local: false,
+                        runner: ssh,
+                    }),
+                    Err(e) => {
+                        tracing::error!(host = %h.name, "GPU monitoring of this host is off: {e}");
+                        None
+                    }
                 },
             })
             .collect()

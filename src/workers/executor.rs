@@ -21,6 +21,7 @@ use tokio::task::JoinSet;
 use crate::bus::{Bus, Delivery};
 use crate::config::pipeline::ExecutorConfig;
 use crate::hpc::local::{label, LocalError, LocalRunner, Outcome, Progress, RunHandle};
+use crate::hpc::remote::{RemoteHandle, RemoteRunner};
 use crate::protocol::topology::{CONDUCTOR_QUEUE, CONTROL_EXCHANGE, REMOTE_EXECUTOR_QUEUE};
 use crate::protocol::{
     Command, Envelope, ExecuteRequest, ExecutionProgress, ExecutionStarted, ExecutionSucceeded,
@@ -48,10 +49,23 @@ pub async fn run(
     status: Arc<WorkerStatus>,
     shutdown: Shutdown,
 ) {
+    run_with_remote(bus, runner, None, config, status, shutdown).await
+}
+
+/// [`run`], with steps for SSH hosts run through `remote`.
+pub async fn run_with_remote(
+    bus: Arc<dyn Bus>,
+    runner: Arc<LocalRunner>,
+    remote: Option<Arc<RemoteRunner>>,
+    config: ExecutorConfig,
+    status: Arc<WorkerStatus>,
+    shutdown: Shutdown,
+) {
     let max_parallel = config.max_parallel.max(1);
     let executor = Arc::new(Executor {
         bus: bus.clone(),
         runner,
+        remote,
         permits: Arc::new(Semaphore::new(usize::from(max_parallel))),
         active: Mutex::new(HashMap::new()),
         tasks: Mutex::new(JoinSet::new()),
@@ -103,6 +117,8 @@ enum Phase {
 struct Executor {
     bus: Arc<dyn Bus>,
     runner: Arc<LocalRunner>,
+    /// Runs the steps of `ssh` hosts (their records share the local runner's root).
+    remote: Option<Arc<RemoteRunner>>,
     /// One permit per running attempt, `max_parallel` in all.
     permits: Arc<Semaphore>,
     /// Attempts a task in this process has taken on; a duplicate `execute_command` for one
@@ -144,7 +160,7 @@ impl Executor {
                 };
                 let Some(delivery) = delivery else { break };
                 match crate::protocol::decode(&delivery.body).map(|e| e.command) {
-                    Ok(Command::CancelStep(cancel)) if cancel.host == LOCAL_HOST => {
+                    Ok(Command::CancelStep(cancel)) if self.runs_on(&cancel.host) => {
                         self.cancel(cancel)
                     }
                     Ok(_) => {}
@@ -154,11 +170,37 @@ impl Executor {
         }
     }
 
+    /// Whether steps for `host` run through this executor.
+    fn runs_on(&self, host: &str) -> bool {
+        host == LOCAL_HOST || self.remote.as_ref().is_some_and(|r| r.serves(host))
+    }
+
+    /// Starts or attaches to an attempt on its host.
+    async fn start_or_attach(&self, request: &ExecuteRequest) -> Result<AnyHandle, LocalError> {
+        match &self.remote {
+            Some(remote) if request.host != LOCAL_HOST && remote.serves(&request.host) => {
+                remote.start_or_attach(request).await.map(AnyHandle::Remote)
+            }
+            _ => self
+                .runner
+                .start_or_attach(request)
+                .await
+                .map(AnyHandle::Local),
+        }
+    }
+
     /// Kills an attempt's process group, in a task of its own.
     fn cancel(&self, cancel: crate::protocol::CancelStep) {
         let runner = self.runner.clone();
+        let remote = self.remote.clone();
         self.spawn(async move {
-            match runner.cancel(&cancel.step).await {
+            let cancelled = match remote {
+                Some(r) if cancel.host != LOCAL_HOST && r.serves(&cancel.host) => {
+                    r.cancel(&cancel.host, &cancel.step).await
+                }
+                _ => runner.cancel(&cancel.step).await,
+            };
+            match cancelled {
                 Ok(true) => {}
                 Ok(false) => tracing::info!(attempt = %label(&cancel.step), "nothing to cancel"),
                 Err(e) => {
@@ -200,12 +242,12 @@ impl Executor {
         correlation_id: String,
         delivery: Delivery,
     ) -> (Handled, Option<Delivery>) {
-        if request.host != LOCAL_HOST {
+        if !self.runs_on(&request.host) {
             let failure = failure(
                 &request,
                 "SpawnError",
                 format!(
-                    "unknown host `{}`: only `{LOCAL_HOST}` runs steps so far",
+                    "unknown host `{}`: only `{LOCAL_HOST}` and the configured ssh hosts run steps",
                     request.host
                 ),
                 FailureCategory::Permanent,
@@ -253,7 +295,7 @@ impl Executor {
                 return;
             }
         };
-        match self.runner.start_or_attach(&request).await {
+        match self.start_or_attach(&request).await {
             Ok(handle) => {
                 // From here the attempt is tracked on disk, not by the delivery.
                 delivery.ack();
@@ -281,15 +323,21 @@ impl Executor {
 
     /// Reattaches to every attempt whose outcome was never published, before consuming.
     async fn reattach_unreported(self: &Arc<Self>) {
-        let requests = match self.runner.unreported().await {
+        let mut requests = match self.runner.unreported().await {
             Ok(r) => r,
             Err(e) => {
                 tracing::error!(error = %e, "cannot list unreported attempts");
                 return;
             }
         };
+        if let Some(remote) = &self.remote {
+            match remote.unreported().await {
+                Ok(r) => requests.extend(r),
+                Err(e) => tracing::error!(error = %e, "cannot list unreported remote attempts"),
+            }
+        }
         for request in requests {
-            match self.runner.start_or_attach(&request).await {
+            match self.start_or_attach(&request).await {
                 Ok(handle) => {
                     // Already running, so it runs whether or not a permit is free.
                     let permit = self.permits.clone().try_acquire_owned().ok();
@@ -325,7 +373,7 @@ impl Executor {
     fn watch(
         self: &Arc<Self>,
         request: ExecuteRequest,
-        handle: RunHandle,
+        handle: AnyHandle,
         permit: Option<OwnedSemaphorePermit>,
     ) {
         let key = key(&request.step);
@@ -348,7 +396,7 @@ impl Executor {
     async fn follow(
         &self,
         request: ExecuteRequest,
-        handle: RunHandle,
+        handle: AnyHandle,
         correlation_id: Option<String>,
     ) {
         let step = request.step.clone();
@@ -543,6 +591,42 @@ impl Executor {
     }
 }
 
+/// A local or a remote attempt, followed the same way.
+enum AnyHandle {
+    Local(RunHandle),
+    Remote(RemoteHandle),
+}
+
+impl AnyHandle {
+    fn is_finished(&self) -> bool {
+        match self {
+            AnyHandle::Local(h) => h.is_finished(),
+            AnyHandle::Remote(h) => h.is_finished(),
+        }
+    }
+
+    fn pid(&self) -> Option<u32> {
+        match self {
+            AnyHandle::Local(h) => h.pid(),
+            AnyHandle::Remote(h) => h.pid(),
+        }
+    }
+
+    fn reattached(&self) -> bool {
+        match self {
+            AnyHandle::Local(h) => h.reattached(),
+            AnyHandle::Remote(h) => h.reattached(),
+        }
+    }
+
+    async fn wait(self, progress: impl FnMut(Progress)) -> Outcome {
+        match self {
+            AnyHandle::Local(h) => h.wait(progress).await,
+            AnyHandle::Remote(h) => h.wait(progress).await,
+        }
+    }
+}
+
 fn read_correlation(dir: &Path) -> Option<String> {
     let id = std::fs::read_to_string(dir.join(CORRELATION_FILE)).ok()?;
     let id = id.trim();
@@ -632,17 +716,30 @@ fn start_failure(request: &ExecuteRequest, error: &LocalError) -> FailurePayload
     let category = match error {
         // The disk or the filesystem: another try may well work.
         LocalError::Io { .. } => FailureCategory::Retryable,
-        LocalError::InvalidId { .. }
+        // An unreachable host may come back; a refused key or login will not.
+        LocalError::Remote {
+            retryable: true, ..
+        } => FailureCategory::Retryable,
+        LocalError::Remote {
+            retryable: false, ..
+        }
+        | LocalError::InvalidId { .. }
         | LocalError::BadPattern { .. }
         | LocalError::Workdir(_)
         | LocalError::Spawn(_) => FailureCategory::Permanent,
+    };
+    let code = match error {
+        LocalError::Remote {
+            retryable: true, ..
+        } => "host_unreachable",
+        _ => "spawn_failed",
     };
     failure(
         request,
         "SpawnError",
         format!("step `{}` could not be started: {error}", request.step.step),
         category,
-        "spawn_failed",
+        code,
         error.to_string(),
     )
 }

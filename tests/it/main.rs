@@ -17,5 +17,7 @@ mod mgmt;
 mod packaging;
 mod pipeline;
 mod smoke;
+mod ssh;
+mod sshd;
 mod topology;
 mod web;

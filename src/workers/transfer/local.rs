@@ -45,6 +45,14 @@ impl TransferBackend for LocalBackend {
         Box::pin(blocking(move || sha256_file(&path)))
     }
 
+    fn hash_many(
+        &self,
+        _side: Side,
+        paths: Vec<PathBuf>,
+    ) -> BoxFuture<'_, io::Result<Vec<Option<FileDigest>>>> {
+        Box::pin(sha256_files(paths))
+    }
+
     fn copy_to_temp(
         &self,
         _direction: Direction,
@@ -121,6 +129,32 @@ fn walk(root: &Path) -> io::Result<Tree> {
         }
     }
     Ok(tree)
+}
+
+/// [`sha256_file`] of many files, in order, on a few blocking threads at once.
+pub async fn sha256_files(paths: Vec<PathBuf>) -> io::Result<Vec<Option<FileDigest>>> {
+    const THREADS: usize = 4;
+    let per = paths.len().div_ceil(THREADS).max(1);
+    let tasks: Vec<_> = paths
+        .chunks(per)
+        .map(|chunk| {
+            let chunk = chunk.to_vec();
+            tokio::task::spawn_blocking(move || {
+                chunk
+                    .iter()
+                    .map(|p| sha256_file(p))
+                    .collect::<io::Result<Vec<_>>>()
+            })
+        })
+        .collect();
+    let mut out = Vec::with_capacity(paths.len());
+    for task in tasks {
+        out.extend(
+            task.await
+                .map_err(|e| io::Error::other(format!("blocking task failed: {e}")))??,
+        );
+    }
+    Ok(out)
 }
 
 /// Size and SHA-256 of a regular file, or `None` when there is none at `path` (absent, a

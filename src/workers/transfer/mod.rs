@@ -10,6 +10,7 @@
 //! kind `local`, and an SSH/SFTP backend plugs in through [`TransferWorker::with_backends`].
 
 pub mod local;
+pub mod sftp;
 
 use std::collections::HashMap;
 use std::io::{self, ErrorKind};
@@ -22,7 +23,8 @@ use tokio::task::JoinSet;
 use crate::bus::{BoxFuture, Bus, Delivery};
 use crate::protocol::topology::{CONDUCTOR_QUEUE, FILE_TRANSFER_QUEUE};
 use crate::protocol::{
-    Command, Envelope, FailureCategory, FailureInfo, FailurePayload, TransferDone, TransferRequest,
+    Command, Envelope, ExecutionProgress, FailureCategory, FailureInfo, FailurePayload,
+    TransferDone, TransferRequest,
 };
 use crate::workers::{self, Handled, Shutdown, WorkerStatus};
 
@@ -34,8 +36,15 @@ pub const PART_SUFFIX: &str = ".mqic-part";
 /// Files copied at the same time within one transfer.
 const FILES_IN_FLIGHT: usize = 4;
 
+/// Progress goes to the conductor at most this often per transfer.
+const PROGRESS_INTERVAL: Duration = Duration::from_secs(1);
+
 /// Deliveries the worker holds at once: one in work, one ready behind it.
 const PREFETCH: u16 = 2;
+
+/// Copies hashed together (one command on a remote host), and such batches at once.
+const VERIFY_BATCH: usize = 16;
+const VERIFY_IN_FLIGHT: usize = 2;
 
 /// Tries per file when the written copy does not hash like the source.
 const CHECKSUM_TRIES: u32 = 3;
@@ -131,6 +140,22 @@ pub trait TransferBackend: Send + Sync + 'static {
 
     /// Size and SHA-256 of the regular file at `path`, `None` when there is none.
     fn hash(&self, side: Side, path: PathBuf) -> BoxFuture<'_, io::Result<Option<FileDigest>>>;
+
+    /// [`TransferBackend::hash`] of many files, in order. A remote backend answers with one
+    /// command on the host instead of one per file.
+    fn hash_many(
+        &self,
+        side: Side,
+        paths: Vec<PathBuf>,
+    ) -> BoxFuture<'_, io::Result<Vec<Option<FileDigest>>>> {
+        Box::pin(async move {
+            let mut out = Vec::with_capacity(paths.len());
+            for p in paths {
+                out.push(self.hash(side, p).await?);
+            }
+            Ok(out)
+        })
+    }
 
     /// Copies `src` on the direction's source side to a fresh `temp` on its destination side,
     /// flushed to disk; the parent directory exists. Returns the bytes written.
@@ -270,6 +295,21 @@ impl TransferWorker {
         req: &TransferRequest,
         direction: Direction,
     ) -> Result<TransferDone, TransferFailure> {
+        self.transfer_with_progress(req, direction, &|_| {}).await
+    }
+
+    /// [`TransferWorker::transfer`], calling `progress` as files are verified in place.
+    ///
+    /// The work goes in rounds: hash every source and every destination file (one batch per
+    /// side, so a remote host hashes them all in one command), copy what differs to
+    /// temporaries (several at once), hash the temporaries in one batch, rename those that
+    /// match, and copy the mismatched ones again after a backoff.
+    pub async fn transfer_with_progress(
+        &self,
+        req: &TransferRequest,
+        direction: Direction,
+        progress: &(dyn Fn(TransferProgress) + Send + Sync),
+    ) -> Result<TransferDone, TransferFailure> {
         let host = self
             .hosts
             .get(&req.host)
@@ -306,38 +346,75 @@ impl TransferWorker {
         }
 
         let files = tree.files.len() as u64;
-        let mut queue = tree.files.into_iter();
-        let mut running = JoinSet::new();
+        let mut report = TransferProgress {
+            files_done: 0,
+            files_total: files,
+            bytes_done: 0,
+            bytes_total: tree.files.iter().map(|f| f.size).sum(),
+        };
+        let rels: Vec<PathBuf> = tree.files.into_iter().map(|f| f.rel).collect();
+        let srcs: Vec<PathBuf> = rels.iter().map(|r| src.join(r)).collect();
+        let dsts: Vec<PathBuf> = rels.iter().map(|r| dst.join(r)).collect();
+        let mut sources = source_digests(backend.as_ref(), src_side, &srcs).await?;
+        let existing = hash_all(backend.as_ref(), dst_side, &dsts).await?;
+        let mut pending = Vec::new();
         let (mut bytes, mut skipped) = (0u64, 0u64);
-        let mut first_failure = None;
-        loop {
-            // After a failure nothing new starts, but what runs is let finish: an aborted
-            // copy would leave its temporary file behind.
-            while first_failure.is_none() && running.len() < FILES_IN_FLIGHT {
-                let Some(file) = queue.next() else { break };
-                running.spawn(place_file(
-                    backend.clone(),
-                    direction,
-                    src.join(&file.rel),
-                    dst.join(&file.rel),
-                ));
-            }
-            match running.join_next().await {
-                None => break,
-                Some(Ok(Ok(placed))) => {
-                    bytes += placed.size;
-                    skipped += u64::from(placed.skipped);
-                }
-                Some(Ok(Err(failure))) => {
-                    first_failure.get_or_insert(failure);
-                }
-                Some(Err(e)) => {
-                    first_failure.get_or_insert(TransferFailure::Io(format!("copy task: {e}")));
-                }
+        for (i, (source, there)) in sources.iter().zip(&existing).enumerate() {
+            if *there == Some(*source) {
+                skipped += 1;
+                bytes += source.size;
+                report.files_done += 1;
+                report.bytes_done += source.size;
+            } else {
+                pending.push(i);
             }
         }
-        if let Some(failure) = first_failure {
-            return Err(failure);
+        progress(report);
+
+        let mut backoff = CHECKSUM_BACKOFF;
+        let mut mismatches = Vec::new();
+        for round in 1..=CHECKSUM_TRIES {
+            if round > 1 {
+                tokio::time::sleep(backoff).await;
+                backoff *= 2;
+                // Hashed again: a source still changing is one cause of a mismatch.
+                let again: Vec<PathBuf> = pending.iter().map(|&i| srcs[i].clone()).collect();
+                let digests = source_digests(backend.as_ref(), src_side, &again).await?;
+                for (&i, d) in pending.iter().zip(digests) {
+                    sources[i] = d;
+                }
+            }
+            let round_result = run_round(
+                backend,
+                direction,
+                &pending,
+                &srcs,
+                &dsts,
+                &sources,
+                &mut report,
+                progress,
+            )
+            .await?;
+            bytes += round_result.bytes;
+            mismatches = round_result.mismatches;
+            let again = round_result.again;
+            for m in &mismatches {
+                tracing::warn!(round, mismatch = %m, "copy does not match its source");
+            }
+            pending = again;
+            if pending.is_empty() {
+                break;
+            }
+        }
+        if !pending.is_empty() {
+            let more = match mismatches.len() {
+                0 | 1 => String::new(),
+                n => format!(" (and {} more files)", n - 1),
+            };
+            return Err(TransferFailure::ChecksumMismatch(format!(
+                "{}{more} after {CHECKSUM_TRIES} tries",
+                mismatches.first().map(String::as_str).unwrap_or("")
+            )));
         }
         Ok(TransferDone {
             step: req.step.clone(),
@@ -348,104 +425,291 @@ impl TransferWorker {
     }
 }
 
-/// What happened to one file.
-struct Placed {
-    size: u64,
-    skipped: bool,
+/// How far a transfer is: files and bytes verified in place (skipped ones included).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TransferProgress {
+    pub files_done: u64,
+    pub files_total: u64,
+    pub bytes_done: u64,
+    pub bytes_total: u64,
 }
 
-/// Makes `dst` a verified copy of `src`, unless it already is one.
-async fn place_file(
-    backend: Arc<dyn TransferBackend>,
-    direction: Direction,
-    src: PathBuf,
-    dst: PathBuf,
-) -> Result<Placed, TransferFailure> {
-    let (src_side, dst_side) = direction.sides();
-    let mut temp_name = dst.file_name().unwrap_or_default().to_owned();
-    temp_name.push(PART_SUFFIX);
-    let temp = dst.with_file_name(temp_name);
-    let mut backoff = CHECKSUM_BACKOFF;
-    let mut last_mismatch = String::new();
-    for attempt in 1..=CHECKSUM_TRIES {
-        // Hashed again on every try: a source still changing is one cause of a mismatch.
-        let source = backend
-            .hash(src_side, src.clone())
-            .await
-            .map_err(|e| TransferFailure::io("cannot hash", &src, e))?
-            .ok_or_else(|| TransferFailure::Io(format!("{} vanished", src.display())))?;
-        if attempt == 1 {
-            let existing = backend
-                .hash(dst_side, dst.clone())
-                .await
-                .map_err(|e| TransferFailure::io("cannot hash", &dst, e))?;
-            if existing == Some(source) {
-                return Ok(Placed {
-                    size: source.size,
-                    skipped: true,
-                });
-            }
-        }
-        match copy_verified(backend.as_ref(), direction, &src, &temp, &dst, source).await {
-            Ok(None) => {
-                return Ok(Placed {
-                    size: source.size,
-                    skipped: false,
-                })
-            }
-            outcome => {
-                let _ = backend.remove(dst_side, temp.clone()).await;
-                if let Some(mismatch) = outcome? {
-                    tracing::warn!(attempt, %mismatch, "copy does not match its source");
-                    last_mismatch = mismatch;
-                }
-            }
-        }
-        if attempt < CHECKSUM_TRIES {
-            tokio::time::sleep(backoff).await;
-            backoff *= 2;
+impl TransferProgress {
+    /// Bytes done over bytes in all (files when the tree holds no bytes).
+    pub fn fraction(&self) -> f64 {
+        if self.bytes_total > 0 {
+            self.bytes_done as f64 / self.bytes_total as f64
+        } else if self.files_total > 0 {
+            self.files_done as f64 / self.files_total as f64
+        } else {
+            1.0
         }
     }
-    Err(TransferFailure::ChecksumMismatch(format!(
-        "{last_mismatch} after {CHECKSUM_TRIES} tries"
-    )))
+
+    /// `12/220 files, 3.1/45.2 MB`.
+    pub fn message(&self) -> String {
+        format!(
+            "{}/{} files, {:.1}/{:.1} MB",
+            self.files_done,
+            self.files_total,
+            self.bytes_done as f64 / 1e6,
+            self.bytes_total as f64 / 1e6
+        )
+    }
 }
 
-/// One try: copies `src` to `temp`, and renames it to `dst` when it hashes like `source`.
-/// Returns the mismatch when it does not; `temp` is left for the caller to remove.
-async fn copy_verified(
+fn temp_name(dst: &Path) -> PathBuf {
+    let mut name = dst.file_name().unwrap_or_default().to_owned();
+    name.push(PART_SUFFIX);
+    dst.with_file_name(name)
+}
+
+/// Size and hash of every source file; one that vanished is an error.
+async fn hash_all(
     backend: &dyn TransferBackend,
-    direction: Direction,
-    src: &Path,
-    temp: &Path,
-    dst: &Path,
-    source: FileDigest,
-) -> Result<Option<String>, TransferFailure> {
-    let (_, dst_side) = direction.sides();
-    backend
-        .copy_to_temp(direction, src.to_path_buf(), temp.to_path_buf())
+    side: Side,
+    paths: &[PathBuf],
+) -> Result<Vec<Option<FileDigest>>, TransferFailure> {
+    if paths.is_empty() {
+        return Ok(Vec::new());
+    }
+    let digests = backend
+        .hash_many(side, paths.to_vec())
         .await
-        .map_err(|e| TransferFailure::io("cannot copy to", temp, e))?;
-    let written = backend
-        .hash(dst_side, temp.to_path_buf())
-        .await
-        .map_err(|e| TransferFailure::io("cannot hash", temp, e))?;
-    if written != Some(source) {
-        let copy = written.map_or("missing".into(), |w| {
-            format!("{} ({} bytes)", w.hex(), w.size)
-        });
-        return Ok(Some(format!(
-            "{}: source {} ({} bytes), copy {copy}",
-            dst.display(),
-            source.hex(),
-            source.size
+        .map_err(|e| TransferFailure::io("cannot hash files under", common_parent(paths), e))?;
+    if digests.len() != paths.len() {
+        return Err(TransferFailure::Io(format!(
+            "hashing {} files gave {} results",
+            paths.len(),
+            digests.len()
         )));
     }
-    backend
-        .rename(dst_side, temp.to_path_buf(), dst.to_path_buf())
-        .await
-        .map_err(|e| TransferFailure::io("cannot rename to", dst, e))?;
-    Ok(None)
+    Ok(digests)
+}
+
+/// [`hash_all`] of source files: each must be there.
+async fn source_digests(
+    backend: &dyn TransferBackend,
+    side: Side,
+    paths: &[PathBuf],
+) -> Result<Vec<FileDigest>, TransferFailure> {
+    let digests = hash_all(backend, side, paths).await?;
+    paths
+        .iter()
+        .zip(digests)
+        .map(|(p, d)| d.ok_or_else(|| TransferFailure::Io(format!("{} vanished", p.display()))))
+        .collect()
+}
+
+fn common_parent(paths: &[PathBuf]) -> &Path {
+    paths
+        .first()
+        .and_then(|p| p.parent())
+        .unwrap_or(Path::new("/"))
+}
+
+/// What one round of copies did.
+struct Round {
+    /// Bytes of the files verified and renamed into place.
+    bytes: u64,
+    /// Files whose copy did not match, to copy again.
+    again: Vec<usize>,
+    mismatches: Vec<String>,
+}
+
+/// What a verify batch gives back: a verdict per file, or the failure with the files whose
+/// temporaries are to be removed.
+type Verified = Result<Vec<(usize, Verdict)>, (Vec<usize>, TransferFailure)>;
+
+/// How one verified copy ended.
+enum Verdict {
+    Placed(u64),
+    Mismatch(String),
+}
+
+/// Copies `srcs[i]` to a temporary next to `dsts[i]` for each pending `i`, several at once;
+/// as copies finish they are hashed in batches (one command for a remote side) and renamed
+/// into place when they match. So files land (and count as progress, and survive an
+/// interruption) all along, not only at the end. On a failure nothing new starts, what runs
+/// is let finish, and the temporaries not renamed are removed.
+#[allow(clippy::too_many_arguments)]
+async fn run_round(
+    backend: &Arc<dyn TransferBackend>,
+    direction: Direction,
+    pending: &[usize],
+    srcs: &[PathBuf],
+    dsts: &[PathBuf],
+    sources: &[FileDigest],
+    report: &mut TransferProgress,
+    progress: &(dyn Fn(TransferProgress) + Send + Sync),
+) -> Result<Round, TransferFailure> {
+    let (_, dst_side) = direction.sides();
+    let mut queue = pending.iter().copied();
+    let mut copying: JoinSet<(usize, Result<(), TransferFailure>)> = JoinSet::new();
+    let mut verifying: JoinSet<Verified> = JoinSet::new();
+    let mut ready: Vec<usize> = Vec::new();
+    let mut leftovers: Vec<usize> = Vec::new();
+    let mut failure = None;
+    let mut round = Round {
+        bytes: 0,
+        again: Vec::new(),
+        mismatches: Vec::new(),
+    };
+    let mut queue_done = false;
+    loop {
+        while failure.is_none() && copying.len() < FILES_IN_FLIGHT {
+            let Some(i) = queue.next() else {
+                queue_done = true;
+                break;
+            };
+            let b = backend.clone();
+            let (src, temp) = (srcs[i].clone(), temp_name(&dsts[i]));
+            copying.spawn(async move {
+                let r = b
+                    .copy_to_temp(direction, src.clone(), temp.clone())
+                    .await
+                    .map(drop)
+                    .map_err(|e| {
+                        TransferFailure::Io(format!(
+                            "cannot copy {} to {}: {e}",
+                            src.display(),
+                            temp.display()
+                        ))
+                    });
+                (i, r)
+            });
+        }
+        let copies_over = copying.is_empty() && (queue_done || failure.is_some());
+        if failure.is_some() {
+            leftovers.append(&mut ready);
+        } else if !ready.is_empty()
+            && (ready.len() >= VERIFY_BATCH || copies_over)
+            && verifying.len() < VERIFY_IN_FLIGHT
+        {
+            let batch: Vec<(usize, PathBuf, PathBuf, FileDigest)> = std::mem::take(&mut ready)
+                .into_iter()
+                .map(|i| (i, temp_name(&dsts[i]), dsts[i].clone(), sources[i]))
+                .collect();
+            verifying.spawn(verify_batch(backend.clone(), dst_side, batch));
+        }
+        if copying.is_empty() && verifying.is_empty() {
+            if ready.is_empty() || failure.is_some() {
+                break;
+            }
+            continue;
+        }
+        tokio::select! {
+            Some(done) = copying.join_next(), if !copying.is_empty() => match done {
+                Ok((i, Ok(()))) => ready.push(i),
+                Ok((i, Err(f))) => {
+                    leftovers.push(i);
+                    failure.get_or_insert(f);
+                }
+                Err(e) => {
+                    failure.get_or_insert(TransferFailure::Io(format!("copy task: {e}")));
+                }
+            },
+            Some(done) = verifying.join_next(), if !verifying.is_empty() => match done {
+                Ok(Ok(verdicts)) => {
+                    for (i, verdict) in verdicts {
+                        match verdict {
+                            Verdict::Placed(size) => {
+                                round.bytes += size;
+                                report.files_done += 1;
+                                report.bytes_done += size;
+                            }
+                            Verdict::Mismatch(m) => {
+                                round.again.push(i);
+                                round.mismatches.push(m);
+                            }
+                        }
+                    }
+                    progress(*report);
+                }
+                Ok(Err((batch, f))) => {
+                    leftovers.extend(batch);
+                    failure.get_or_insert(f);
+                }
+                Err(e) => {
+                    failure.get_or_insert(TransferFailure::Io(format!("verify task: {e}")));
+                }
+            },
+        }
+    }
+    match failure {
+        None => Ok(round),
+        Some(f) => {
+            let temps: Vec<PathBuf> = leftovers.iter().map(|&i| temp_name(&dsts[i])).collect();
+            remove_all(backend.as_ref(), dst_side, &temps).await;
+            Err(f)
+        }
+    }
+}
+
+/// Hashes a batch of copies at once and renames each that matches its source; removes the
+/// others. On an error the whole batch is handed back for cleanup.
+async fn verify_batch(
+    backend: Arc<dyn TransferBackend>,
+    side: Side,
+    batch: Vec<(usize, PathBuf, PathBuf, FileDigest)>,
+) -> Verified {
+    let ids = || batch.iter().map(|b| b.0).collect::<Vec<_>>();
+    let temps: Vec<PathBuf> = batch.iter().map(|b| b.1.clone()).collect();
+    let written = match backend.hash_many(side, temps).await {
+        Ok(w) if w.len() == batch.len() => w,
+        Ok(w) => {
+            return Err((
+                ids(),
+                TransferFailure::Io(format!(
+                    "hashing {} copies gave {} results",
+                    batch.len(),
+                    w.len()
+                )),
+            ))
+        }
+        Err(e) => {
+            return Err((
+                ids(),
+                TransferFailure::io("cannot hash the copy of", &batch[0].2, e),
+            ))
+        }
+    };
+    let mut out = Vec::with_capacity(batch.len());
+    for ((i, temp, dst, source), copy) in batch.iter().cloned().zip(written) {
+        if copy == Some(source) {
+            if let Err(e) = backend.rename(side, temp, dst.clone()).await {
+                let rest = batch
+                    .iter()
+                    .map(|b| b.0)
+                    .filter(|j| !out.iter().any(|(k, _)| k == j))
+                    .collect();
+                return Err((rest, TransferFailure::io("cannot rename to", &dst, e)));
+            }
+            out.push((i, Verdict::Placed(source.size)));
+        } else {
+            let copy = copy.map_or("missing".into(), |w| {
+                format!("{} ({} bytes)", w.hex(), w.size)
+            });
+            let _ = backend.remove(side, temp).await;
+            out.push((
+                i,
+                Verdict::Mismatch(format!(
+                    "{}: source {} ({} bytes), copy {copy}",
+                    dst.display(),
+                    source.hex(),
+                    source.size
+                )),
+            ));
+        }
+    }
+    Ok(out)
+}
+
+/// Removes temporaries (best effort).
+async fn remove_all(backend: &dyn TransferBackend, side: Side, paths: &[PathBuf]) {
+    for p in paths {
+        let _ = backend.remove(side, p.clone()).await;
+    }
 }
 
 /// A configured root made absolute and normalised, so payload paths compare against it.
@@ -596,7 +860,44 @@ async fn handle(
         req.step.case_id,
         req.step.step
     ));
-    let result = worker.transfer(&req, direction).await;
+    let result = {
+        // The latest progress goes to the conductor at most once a second.
+        let (tx, mut rx) = tokio::sync::watch::channel(None::<TransferProgress>);
+        let on_progress = |p| {
+            tx.send_replace(Some(p));
+        };
+        let transfer = worker.transfer_with_progress(&req, direction, &on_progress);
+        let report = async {
+            loop {
+                if rx.changed().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+                let latest = *rx.borrow_and_update();
+                if let Some(p) = latest {
+                    let command = Command::ExecutionProgress(ExecutionProgress {
+                        step: req.step.clone(),
+                        fraction: p.fraction(),
+                        message: p.message(),
+                    });
+                    if let Err(e) = workers::send_command(
+                        bus,
+                        CONDUCTOR_QUEUE,
+                        command,
+                        Some(&envelope.correlation_id),
+                    )
+                    .await
+                    {
+                        tracing::debug!(error = %e, "transfer progress not published");
+                    }
+                }
+                tokio::time::sleep(PROGRESS_INTERVAL).await;
+            }
+        };
+        tokio::select! {
+            r = transfer => r,
+            _ = report => unreachable!("the report loop never ends"),
+        }
+    };
     match &result {
         Ok(done) => tracing::info!(case = %req.step.case_id, step = %req.step.step,
             files = done.files, bytes = done.bytes, skipped = done.skipped, "{} done", direction.phase()),
@@ -1050,6 +1351,12 @@ mod tests {
             .expect("ack channel open")
     }
 
+    fn not_progress(m: &Outgoing) -> bool {
+        crate::protocol::decode(&m.body)
+            .map(|e| e.command.name() != "execution_progress")
+            .unwrap_or(true)
+    }
+
     #[tokio::test]
     async fn run_reports_to_the_conductor_before_acking() {
         let fx = fixture();
@@ -1076,7 +1383,14 @@ mod tests {
             .unwrap();
         assert_eq!(next_settle(&mut acks).await, (1, Settle::Ack));
         {
-            let published = bus.published.lock();
+            let all = bus.published.lock();
+            let progress: Vec<_> = all.iter().filter(|m| !not_progress(m)).collect();
+            let env = crate::protocol::decode(&progress[0].body).unwrap();
+            let Command::ExecutionProgress(p) = env.command else {
+                unreachable!()
+            };
+            assert!(p.message.contains("/20 files"), "{}", p.message);
+            let published: Vec<_> = all.iter().filter(|m| not_progress(m)).collect();
             assert_eq!(published.len(), 1);
             assert_eq!(published[0].routing_key, CONDUCTOR_QUEUE);
             let env = crate::protocol::decode(&published[0].body).unwrap();
@@ -1096,7 +1410,13 @@ mod tests {
         tx.send(delivery(stray, 2, &ack_tx)).await.unwrap();
         assert_eq!(next_settle(&mut acks).await, (2, Settle::Ack));
         assert_eq!(
-            bus.published.lock()[1].routing_key,
+            bus.published
+                .lock()
+                .iter()
+                .filter(|m| not_progress(m))
+                .nth(1)
+                .unwrap()
+                .routing_key,
             dead_letter_queue(FILE_TRANSFER_QUEUE)
         );
 
