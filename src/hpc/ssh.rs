@@ -607,44 +607,6 @@ impl SshHost {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_group_readable_key_file_is_reported() {
-        let dir = tempfile::tempdir().unwrap();
-        let key = dir.path().join("id");
-        std::fs::write(&key, "x").unwrap();
-        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
-        assert!(!key_file_exposed(&key).unwrap());
-        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o640)).unwrap();
-        assert!(key_file_exposed(&key).unwrap());
-    }
-
-    #[test]
-    fn a_missing_or_bad_key_is_a_clear_error_without_its_content() {
-        let dir = tempfile::tempdir().unwrap();
-        let target = |key: PathBuf| SshTarget {
-            name: "gpu1".into(),
-            address: "127.0.0.1".into(),
-            port: 22,
-            user: "u".into(),
-            key_file: key,
-            known_hosts: dir.path().join("known_hosts"),
-            accept_new: false,
-        };
-        let err = SshHost::new(target(dir.path().join("absent"))).unwrap_err();
-        assert!(matches!(err, SshError::Key { .. }), "{err}");
-        assert!(err.to_string().contains("gpu1"), "{err}");
-        let bad = dir.path().join("bad");
-        std::fs::write(&bad, "SECRET-MATERIAL-NOT-A-KEY").unwrap();
-        std::fs::set_permissions(&bad, std::fs::Permissions::from_mode(0o600)).unwrap();
-        let err = SshHost::new(target(bad)).unwrap_err().to_string();
-        assert!(!err.contains("SECRET-MATERIAL"), "{err}");
-    }
-}
-
 /// The curator samples an SSH host's GPUs (`nvidia-smi`, the process table) through an exec
 /// channel on the host's one session: the argument vector is shell-quoted word by word, exit
 /// status 127 means the program is missing, and an unreachable host is a failure (its GPUs
@@ -682,5 +644,43 @@ impl crate::gpu::CommandRunner for SshHost {
                 }),
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_group_readable_key_file_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("id");
+        std::fs::write(&key, "x").unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(!key_file_exposed(&key).unwrap());
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o640)).unwrap();
+        assert!(key_file_exposed(&key).unwrap());
+    }
+
+    #[test]
+    fn a_missing_or_bad_key_is_a_clear_error_without_its_content() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = |key: PathBuf| SshTarget {
+            name: "gpu1".into(),
+            address: "127.0.0.1".into(),
+            port: 22,
+            user: "u".into(),
+            key_file: key,
+            known_hosts: dir.path().join("known_hosts"),
+            accept_new: false,
+        };
+        let err = SshHost::new(target(dir.path().join("absent"))).unwrap_err();
+        assert!(matches!(err, SshError::Key { .. }), "{err}");
+        assert!(err.to_string().contains("gpu1"), "{err}");
+        let bad = dir.path().join("bad");
+        std::fs::write(&bad, "SECRET-MATERIAL-NOT-A-KEY").unwrap();
+        std::fs::set_permissions(&bad, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let err = SshHost::new(target(bad)).unwrap_err().to_string();
+        assert!(!err.contains("SECRET-MATERIAL"), "{err}");
     }
 }

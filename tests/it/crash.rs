@@ -20,6 +20,13 @@ fn serve(config: &Path, ledger: &Path) -> Child {
     let mut child = mqic()
         .args(["serve", "--config"])
         .arg(config)
+        .args([
+            "--web-listen",
+            "127.0.0.1:0",
+            "--management-listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--prometheus-listen", "127.0.0.1:0"])
         .env("MQIC_LEDGER", ledger)
         .env("MQIC_DEMO_BATCH_SLEEP", "0.05")
         .env("RUST_LOG", "warn")

@@ -40,7 +40,14 @@ impl Server {
             .open(data.with_extension("log"))
             .unwrap();
         let mut child = mqic()
-            .args(["serve", "--amqp-listen", "127.0.0.1:0", "--data-dir"])
+            .args(["serve", "--amqp-listen", "127.0.0.1:0"])
+            .args([
+                "--web-listen",
+                "127.0.0.1:0",
+                "--management-listen",
+                "127.0.0.1:0",
+            ])
+            .args(["--prometheus-listen", "127.0.0.1:0", "--data-dir"])
             .arg(data)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())

@@ -125,6 +125,13 @@ command = "echo {{case_id}} {{gpu_id}} >> {ledger}"
         .arg("serve")
         .arg("--config")
         .arg(&config)
+        .args([
+            "--web-listen",
+            "127.0.0.1:0",
+            "--management-listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--prometheus-listen", "127.0.0.1:0"])
         .env("PATH", path)
         .stdout(Stdio::piped())
         .stderr(std::fs::File::create(&log).unwrap())

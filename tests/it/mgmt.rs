@@ -934,6 +934,7 @@ impl Daemon {
                 let path = dir.path().join("mqic.toml");
                 std::fs::write(&path, text).unwrap();
                 cmd.arg("--config").arg(path);
+                cmd.args(["--web-listen", "127.0.0.1:0"]);
             }
             None => {
                 cmd.args([

@@ -853,6 +853,13 @@ fn serve(config: &Path) -> std::process::Child {
     let mut child = crate::process::mqic()
         .args(["serve", "--config"])
         .arg(config)
+        .args([
+            "--web-listen",
+            "127.0.0.1:0",
+            "--management-listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--prometheus-listen", "127.0.0.1:0"])
         .env("RUST_LOG", "warn")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
