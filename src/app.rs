@@ -269,11 +269,16 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate()).context("cannot install SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("cannot install SIGINT handler")?;
     let app = App::start(config).await?;
-    for line in app.ready_lines() {
-        println!("{line}");
+    // A reader that stopped reading (a closed pipe) must not take mqic down: the lines are
+    // written with errors ignored, not with `println!`, which panics on EPIPE.
+    {
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        for line in app.ready_lines() {
+            let _ = writeln!(out, "{line}");
+        }
+        let _ = out.flush();
     }
-    use std::io::Write;
-    let _ = std::io::stdout().flush();
     tokio::select! {
         _ = term.recv() => {}
         _ = int.recv() => {}

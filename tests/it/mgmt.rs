@@ -921,6 +921,8 @@ struct Daemon {
     amqp: SocketAddr,
     management: String,
     prometheus: String,
+    /// Kept open: mqic's stdout stays readable for as long as it runs.
+    _out: BufReader<std::process::ChildStdout>,
     _dir: tempfile::TempDir,
 }
 
@@ -934,7 +936,13 @@ impl Daemon {
                 let path = dir.path().join("mqic.toml");
                 std::fs::write(&path, text).unwrap();
                 cmd.arg("--config").arg(path);
-                cmd.args(["--web-listen", "127.0.0.1:0"]);
+                cmd.args([
+                    "--web-listen",
+                    "127.0.0.1:0",
+                    "--management-listen",
+                    "127.0.0.1:0",
+                ])
+                .args(["--prometheus-listen", "127.0.0.1:0"]);
             }
             None => {
                 cmd.args([
@@ -958,7 +966,8 @@ impl Daemon {
             .unwrap();
         let mut out = BufReader::new(child.stdout.take().unwrap());
         let mut lines = Vec::new();
-        for _ in 0..3 {
+        // amqp, management, prometheus and dashboard.
+        for _ in 0..4 {
             let mut line = String::new();
             out.read_line(&mut line).unwrap();
             lines.push(line.trim().to_string());
@@ -977,6 +986,7 @@ impl Daemon {
                 .to_string(),
             prometheus: after("prometheus metrics listening on ").to_string(),
             child,
+            _out: out,
             _dir: dir,
         }
     }
