@@ -12,7 +12,7 @@ use axum::response::{IntoResponse, Response};
 
 use super::Mgmt;
 use crate::amqp::stats::{Counters, QueueCounters};
-use crate::store::records::{now_ms, CaseStatus};
+use crate::store::records::{now_ms, CaseStatus, GpuState};
 
 /// The content type of the text format.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -471,6 +471,46 @@ fn workflow_metrics(
         gpus.iter().filter(|g| !g.usable).count() as f64,
     );
     e.sample("mqic_gpus", &[("state", "leased")], leases.len() as f64);
+    // Per GPU, what the curator last sampled (GPUs without a sample have no series).
+    type Pick = fn(&GpuState) -> Option<f64>;
+    let per_gpu: [(&str, &str, Pick); 4] = [
+        (
+            "mqic_gpu_utilization_percent",
+            "GPU utilization in the curator's last sample, in percent.",
+            |s| s.utilization_pct.map(f64::from),
+        ),
+        (
+            "mqic_gpu_memory_used_bytes",
+            "GPU memory in use in the curator's last sample.",
+            |s| s.memory_used_mib.map(|m| (m << 20) as f64),
+        ),
+        (
+            "mqic_gpu_memory_total_bytes",
+            "GPU memory in total in the curator's last sample.",
+            |s| s.memory_total_mib.map(|m| (m << 20) as f64),
+        ),
+        (
+            "mqic_gpu_temperature_celsius",
+            "GPU temperature in the curator's last sample.",
+            |s| s.temperature_c.map(f64::from),
+        ),
+    ];
+    for (name, help, pick) in per_gpu {
+        let values: Vec<(String, String, f64)> = gpus
+            .iter()
+            .filter_map(|g| {
+                let value = pick(g.state.as_ref()?)?;
+                Some((g.gpu.host.clone(), g.gpu.index.to_string(), value))
+            })
+            .collect();
+        if values.is_empty() {
+            continue;
+        }
+        e.family(name, "gauge", help);
+        for (host, index, value) in &values {
+            e.sample(name, &[("host", host), ("index", index)], *value);
+        }
+    }
     let now = now_ms();
     let workers = store.workers()?;
     e.family(

@@ -67,6 +67,8 @@ fn set_state(state: &Path, gpus: &[(u32, u64)], apps: &[(u32, u32, &str)]) {
 struct Serve {
     child: Child,
     url: String,
+    /// Where Prometheus `/metrics` is served (`host:port`).
+    metrics: String,
     log: PathBuf,
 }
 
@@ -137,20 +139,49 @@ command = "echo {{case_id}} {{gpu_id}} >> {ledger}"
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .expect("mqic starts");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().expect("stdout piped"))
-        .read_line(&mut line)
-        .expect("ready line");
-    let addr = line
-        .trim()
-        .strip_prefix("amqp listening on ")
-        .unwrap_or_else(|| panic!("unexpected ready line {line:?}"))
+    // The ready lines: amqp, management API, prometheus (then the dashboard).
+    let mut out = BufReader::new(child.stdout.take().expect("stdout piped"));
+    let mut lines = Vec::new();
+    for _ in 0..3 {
+        let mut line = String::new();
+        out.read_line(&mut line).expect("ready line");
+        lines.push(line.trim().to_string());
+    }
+    let after = |prefix: &str| {
+        lines
+            .iter()
+            .find_map(|l| l.strip_prefix(prefix))
+            .unwrap_or_else(|| panic!("no {prefix:?} in {lines:?}"))
+            .to_string()
+    };
+    let addr = after("amqp listening on ");
+    let metrics = after("prometheus metrics listening on http://")
+        .trim_end_matches("/metrics")
         .to_string();
     Serve {
         child,
         url: format!("amqp://guest:guest@{addr}/%2f"),
+        metrics,
         log,
     }
+}
+
+/// `GET /metrics` over plain HTTP/1.0; the body.
+fn scrape(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).expect("metrics endpoint");
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    write!(stream, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+    assert!(
+        head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"),
+        "{head}"
+    );
+    body.to_string()
 }
 
 /// Calls `method` until `cond` holds on the reply payload (60 s at most).
@@ -237,6 +268,15 @@ async fn the_curator_samples_a_fake_nvidia_smi_and_the_conductor_leases_accordin
     assert_eq!(g0["processes"][0]["name"], "python");
     assert_eq!(g0["leasable"], false);
     assert!(g0["history"].as_array().is_some_and(|h| !h.is_empty()));
+    // The same sample in Prometheus, per GPU.
+    let metrics = scrape(&serve.metrics);
+    for line in [
+        "mqic_gpu_utilization_percent{host=\"local\",index=\"0\"} 3",
+        "mqic_gpu_memory_total_bytes{host=\"local\",index=\"0\"} 85520809984",
+        "mqic_gpu_temperature_celsius{host=\"local\",index=\"0\"} 35",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} in:\n{metrics}");
+    }
     let g1 = gpu(&gpus, 1);
     assert_eq!(g1["memory_free_mib"], 1559);
     assert_eq!(g1["leasable"], false);
