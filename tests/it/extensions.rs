@@ -930,6 +930,17 @@ async fn exists(conn: &lapin::Connection, name: &str) -> bool {
     found
 }
 
+/// Whether `name` disappears within 5 s.
+async fn gone(conn: &lapin::Connection, name: &str) -> bool {
+    for _ in 0..100 {
+        if !exists(conn, name).await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
 #[tokio::test]
 async fn x_expires_deletes_a_queue_once_unused_and_consumers_keep_it() {
     let server = TestServer::start().await;
@@ -958,15 +969,10 @@ async fn x_expires_deletes_a_queue_once_unused_and_consumers_keep_it() {
         .await
         .unwrap();
     // The unused queue goes (publishing does not count as use); the consumed one stays.
-    let mut gone = false;
-    for _ in 0..100 {
-        if !exists(&conn, "idle").await {
-            gone = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(gone, "an unused x-expires queue is deleted");
+    assert!(
+        gone(&conn, "idle").await,
+        "an unused x-expires queue is deleted"
+    );
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert!(exists(&conn, "watched").await, "a consumer keeps it");
     // Once its last consumer goes, the lease starts again.
@@ -974,15 +980,7 @@ async fn x_expires_deletes_a_queue_once_unused_and_consumers_keep_it() {
         .basic_cancel("w".into(), Default::default())
         .await
         .unwrap();
-    let mut gone = false;
-    for _ in 0..100 {
-        if !exists(&conn, "watched").await {
-            gone = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(gone, "deleted once unused again");
+    assert!(gone(&conn, "watched").await, "deleted once unused again");
     for (value, why) in [
         (AMQPValue::LongInt(0), "{value_zero,0}"),
         (AMQPValue::LongInt(-5), "{value_negative,-5}"),
@@ -1096,36 +1094,24 @@ async fn direct_reply_to_routes_replies_to_the_requesting_channel() {
     let server = TestServer::start().await;
     let requester = server.lapin().await;
     let responder = server.lapin().await;
-    let req = requester.create_channel().await.unwrap();
     let resp = responder.create_channel().await.unwrap();
     declare(&resp, "rpc", FieldTable::default()).await.unwrap();
 
-    // Publishing with reply_to = amq.rabbitmq.reply-to needs the reply consumer first.
-    let err = expect_lapin_error(
-        "no reply consumer",
-        async {
-            req.basic_publish(
-                "".into(),
-                "rpc".into(),
-                BasicPublishOptions::default(),
-                b"early",
-                BasicProperties::default().with_reply_to("amq.rabbitmq.reply-to".into()),
-            )
-            .await?;
-            req.queue_declare(
-                "rpc".into(),
-                QueueDeclareOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-        }
-        .await,
-        406,
+    // Publishing with reply_to = amq.rabbitmq.reply-to needs the reply consumer first (a raw
+    // client reads the channel.close deterministically).
+    let mut raw = crate::support::RawClient::connected(server.addr, 131_072).await;
+    raw.open_channel(1).await;
+    let props = mqic::amqp::message::encode_properties(
+        &amq_protocol::protocol::basic::AMQPProperties::default()
+            .with_reply_to("amq.rabbitmq.reply-to".into()),
     );
+    raw.publish_raw(1, "", "rpc", false, false, &props, b"early", 131_072)
+        .await;
     assert_eq!(
-        err,
+        raw.expect_channel_close(1, 406).await,
         "PRECONDITION_FAILED - fast reply consumer does not exist"
     );
+    drop(raw);
     let req = requester.create_channel().await.unwrap();
     let err = expect_lapin_error(
         "acking reply consumer",
@@ -1241,15 +1227,10 @@ async fn direct_reply_to_routes_replies_to_the_requesting_channel() {
 
     // After the requester has gone, a mandatory reply still counts as routed (no return).
     requester.close(200, "bye".into()).await.unwrap();
-    let mut gone = false;
-    for _ in 0..100 {
-        if !exists(&responder, &reply_to).await {
-            gone = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(gone, "the reply queue goes with its requester");
+    assert!(
+        gone(&responder, &reply_to).await,
+        "the reply queue goes with its requester"
+    );
     let confirm = resp
         .basic_publish(
             "".into(),
