@@ -889,6 +889,40 @@ async fn metrics_have_help_type_and_per_queue_labels_and_pass_promtool() {
         published >= 1.0,
         "the case's messages went through the conductor queue"
     );
+    // The case was copied to its (local) step host and its results back: the bytes moved
+    // are summed in the store, so the counter is the store's, not this process's.
+    let case = store.case(&id.as_str().into()).unwrap().unwrap();
+    let step_bytes = |name: &str| {
+        case.done
+            .iter()
+            .find(|d| d.name == name)
+            .and_then(|d| d.bytes)
+            .unwrap()
+    };
+    for (direction, step, counter) in [
+        (
+            "upload",
+            "upload",
+            mqic::conductor::driver::TRANSFER_BYTES_UPLOAD,
+        ),
+        (
+            "download",
+            "download",
+            mqic::conductor::driver::TRANSFER_BYTES_DOWNLOAD,
+        ),
+    ] {
+        let line = format!("mqic_transfer_bytes_total{{direction=\"{direction}\"}} ");
+        let value: u64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix(line.as_str()))
+            .unwrap_or_else(|| panic!("no {line:?} in:\n{text}"))
+            .parse()
+            .unwrap();
+        assert!(value > 0, "{direction}: {value}");
+        assert_eq!(value, step_bytes(step), "{direction}");
+        assert_eq!(store.counter(counter).unwrap(), value);
+    }
+    assert!(text.contains("# TYPE mqic_transfer_bytes_total counter"));
     if have_program("metrics_pass_promtool", "promtool") {
         let mut child = Command::new("promtool")
             .args(["check", "metrics"])
