@@ -982,6 +982,8 @@ impl Daemon {
                 cmd.args([
                     "--amqp-listen",
                     "127.0.0.1:0",
+                    "--web-listen",
+                    "127.0.0.1:0",
                     "--management-listen",
                     "127.0.0.1:0",
                     "--prometheus-listen",
@@ -1084,35 +1086,31 @@ fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
+/// Runs an admin CLI with its login arguments; its stdout, the test failing when it fails.
+fn admin_ok(program: &str, login: &[&str], args: &[&str]) -> String {
+    let out = Command::new(program)
+        .args(login)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{program} {args:?}: {}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    stdout(&out)
+}
+
 #[test]
 fn rabbitmqadmin_lists_declares_publishes_and_gets_against_mqic_serve() {
     if !have_program("rabbitmqadmin_against_mqic", "rabbitmqadmin") {
         return;
     }
     let d = Daemon::start(None);
-    let admin = |args: &[&str]| {
-        let out = Command::new("rabbitmqadmin")
-            .args([
-                "-H",
-                "127.0.0.1",
-                "-P",
-                &d.mgmt_port(),
-                "-u",
-                "guest",
-                "-p",
-                "guest",
-            ])
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "rabbitmqadmin {args:?}: {}{}",
-            stdout(&out),
-            stderr(&out)
-        );
-        stdout(&out)
-    };
+    let port = d.mgmt_port();
+    let login = ["-H", "127.0.0.1", "-P", &port, "-u", "guest", "-p", "guest"];
+    let admin = |args: &[&str]| admin_ok("rabbitmqadmin", &login, args);
     let queues: Value =
         serde_json::from_str(&admin(&["-f", "raw_json", "list", "queues"])).unwrap();
     assert!(queues
@@ -1195,6 +1193,142 @@ fn rabbitmqadmin_lists_declares_publishes_and_gets_against_mqic_serve() {
     assert!(!refused.status.success());
     assert!(
         stderr(&refused).contains("Access refused"),
+        "{}",
+        stderr(&refused)
+    );
+}
+
+/// rabbitmqadmin v2, the Rust one (`cargo install rabbitmqadmin --root /opt/rabbitmqadmin2`,
+/// as `.ci/run` does; Debian's `rabbitmqadmin` is v1), or `MQIC_RABBITMQADMIN2`.
+fn rabbitmqadmin_v2() -> Option<String> {
+    let path = std::env::var("MQIC_RABBITMQADMIN2")
+        .unwrap_or_else(|_| "/opt/rabbitmqadmin2/bin/rabbitmqadmin".into());
+    std::path::Path::new(&path).is_file().then_some(path)
+}
+
+#[test]
+fn rabbitmqadmin_v2_shows_lists_declares_publishes_and_gets_against_mqic_serve() {
+    const TEST: &str = "rabbitmqadmin_v2_against_mqic";
+    let Some(program) = rabbitmqadmin_v2() else {
+        crate::support::skip(
+            TEST,
+            "rabbitmqadmin v2 (/opt/rabbitmqadmin2/bin/rabbitmqadmin) not found",
+        );
+        return;
+    };
+    let d = Daemon::start(None);
+    let port = d.mgmt_port();
+    let login = [
+        "--host",
+        "127.0.0.1",
+        "--port",
+        &port,
+        "--username",
+        "guest",
+        "--password",
+        "guest",
+        "--non-interactive",
+    ];
+    let admin = |args: &[&str]| admin_ok(&program, &login, args);
+    // `show overview` deserializes every field it knows: a missing one fails the command.
+    let overview = admin(&["show", "overview"]);
+    assert!(
+        overview.contains("mqic") && overview.contains("3.13.7"),
+        "{overview}"
+    );
+    assert!(admin(&["show", "churn"]).contains("connections opened"));
+    assert!(admin(&["list", "queues"]).contains("conductor_queue"));
+    assert!(admin(&["list", "exchanges"]).contains("mqic.rpc"));
+    admin(&[
+        "declare",
+        "queue",
+        "--name",
+        "from-admin2",
+        "--durable",
+        "false",
+    ]);
+    admin(&[
+        "declare", "exchange", "--name", "admin2.x", "--type", "fanout",
+    ]);
+    admin(&[
+        "declare",
+        "binding",
+        "--source",
+        "admin2.x",
+        "--destination-type",
+        "queue",
+        "--destination",
+        "from-admin2",
+        "--routing-key",
+        "any",
+    ]);
+    let published = admin(&[
+        "publish",
+        "message",
+        "--exchange",
+        "admin2.x",
+        "--routing-key",
+        "any",
+        "--payload",
+        "hello from rabbitmqadmin v2",
+    ]);
+    assert!(published.contains("routed"), "{published}");
+    assert!(admin(&["list", "bindings"]).contains("admin2.x"));
+    let defs: Value = serde_json::from_str(&admin(&["definitions", "export", "--stdout"])).unwrap();
+    assert!(defs["queues"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|q| q["name"] == "from-admin2"));
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("defs.json");
+    std::fs::write(&file, defs.to_string()).unwrap();
+    admin(&["definitions", "import", "--file", file.to_str().unwrap()]);
+    let got = admin(&["get", "messages", "--queue", "from-admin2"]);
+    assert!(got.contains("hello from rabbitmqadmin v2"), "{got}");
+    admin(&["purge", "queue", "--name", "from-admin2"]);
+    assert!(admin(&["list", "connections"]).contains("in-process"));
+    assert!(admin(&["list", "users"]).contains("administrator"));
+    assert!(admin(&["list", "nodes"]).contains("mqic@"));
+    assert!(admin(&["list", "permissions"]).contains("guest"));
+    for what in [
+        "vhosts",
+        "policies",
+        "parameters",
+        "vhost_limits",
+        "user_limits",
+        "feature_flags",
+        "deprecated_features",
+    ] {
+        admin(&["list", what]);
+    }
+    let amqp_port = d.amqp.port().to_string();
+    for check in [
+        &["health_check", "local_alarms"][..],
+        &["health_check", "cluster_wide_alarms"],
+        &["health_check", "port_listener", "--port", &amqp_port],
+        &["health_check", "protocol_listener", "--protocol", "amqp"],
+    ] {
+        assert!(admin(check).contains("passed"), "{check:?}");
+    }
+    admin(&["delete", "queue", "--name", "from-admin2"]);
+    admin(&["delete", "exchange", "--name", "admin2.x"]);
+    assert!(!admin(&["list", "queues"]).contains("from-admin2"));
+    let refused = Command::new(&program)
+        .args(["--host", "127.0.0.1", "--port", &port])
+        .args([
+            "--username",
+            "guest",
+            "--password",
+            "wrong",
+            "--non-interactive",
+        ])
+        .args(["list", "queues"])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(
+        stderr(&refused).contains("Login failed"),
         "{}",
         stderr(&refused)
     );
