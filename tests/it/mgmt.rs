@@ -114,6 +114,12 @@ async fn guest(app: &Router, method: &str, path: &str, body: Option<Value>) -> A
     call(app, method, path, GUEST, body).await
 }
 
+/// `POST /api/exchanges/%2F/{exchange}/publish` as guest.
+async fn publish_via_api(app: &Router, exchange: &str, body: Value) -> Answer {
+    let path = format!("/api/exchanges/%2F/{exchange}/publish");
+    guest(app, "POST", &path, Some(body)).await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn basic_auth_uses_the_broker_users_and_the_loopback_rule() {
     let server = server().await;
@@ -337,45 +343,41 @@ async fn queues_declare_publish_get_purge_and_delete() {
     );
 
     for i in 0..3 {
-        let p = guest(
+        let p = publish_via_api(
             &app,
-            "POST",
-            "/api/exchanges/%2F/amq.default/publish",
-            Some(json!({
+            "amq.default",
+            json!({
                 "routing_key": "jobs", "payload": format!("job {i}"), "payload_encoding": "string",
                 "properties": {"delivery_mode": 2, "headers": {"n": i}}
-            })),
+            }),
         )
         .await;
         assert_eq!(p.json, json!({"routed": true}));
     }
-    let binary = guest(
+    let binary = publish_via_api(
         &app,
-        "POST",
-        "/api/exchanges/%2F/amq.default/publish",
-        Some(json!({
+        "amq.default",
+        json!({
             "routing_key": "jobs", "payload": "/w==", "payload_encoding": "base64", "properties": {}
-        })),
+        }),
     )
     .await;
     assert_eq!(binary.json, json!({"routed": true}));
-    let nowhere = guest(
+    let nowhere = publish_via_api(
         &app,
-        "POST",
-        "/api/exchanges/%2F/amq.direct/publish",
-        Some(json!({
+        "amq.direct",
+        json!({
             "routing_key": "nobody", "payload": "x", "payload_encoding": "string", "properties": {}
-        })),
+        }),
     )
     .await;
     assert_eq!(nowhere.json, json!({"routed": false}));
-    let bad_props = guest(
+    let bad_props = publish_via_api(
         &app,
-        "POST",
-        "/api/exchanges/%2F/amq.default/publish",
-        Some(json!({
+        "amq.default",
+        json!({
             "routing_key": "jobs", "payload": "x", "properties": {"expiration": "soon"}
-        })),
+        }),
     )
     .await;
     assert_eq!(bad_props.status, StatusCode::BAD_REQUEST);
@@ -545,7 +547,7 @@ async fn exchanges_and_bindings() {
     )
     .await;
     assert_eq!(one.json["routing_key"], "case.#");
-    let routed = guest(&app, "POST", "/api/exchanges/%2F/lab.events/publish", Some(json!({"routing_key": "case.done", "payload": "{}", "payload_encoding": "string", "properties": {}}))).await;
+    let routed = publish_via_api(&app, "lab.events", json!({"routing_key": "case.done", "payload": "{}", "payload_encoding": "string", "properties": {}})).await;
     assert_eq!(routed.json["routed"], true);
     let src = guest(
         &app,
@@ -808,16 +810,7 @@ async fn connections_channels_and_consumers_are_listed_and_a_connection_can_be_c
         .json;
     assert_eq!(q["consumers"], 1);
 
-    let encoded: String = name
-        .bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect();
+    let encoded = mgmt::api::percent_encode(&name);
     let close = guest(&app, "DELETE", &format!("/api/connections/{encoded}"), None).await;
     assert_eq!(close.status, StatusCode::NO_CONTENT);
     crate::support::eventually("the client sees the close", || !conn.status().connected()).await;

@@ -83,6 +83,19 @@ fn post(path: &str) -> axum::http::request::Builder {
         .header(header::HOST, "127.0.0.1:8080")
 }
 
+/// A request with the session cookie and no body.
+trait CookieOnly {
+    fn cookie_only(self, cookie: &str) -> Request<Body>;
+}
+
+impl CookieOnly for axum::http::request::Builder {
+    fn cookie_only(self, cookie: &str) -> Request<Body> {
+        self.header(header::COOKIE, cookie)
+            .body(Body::empty())
+            .unwrap()
+    }
+}
+
 /// The JSON a GET answers (no session: loopback reads need none).
 async fn get_json(app: &Router, path: &str) -> Value {
     let a = send(app, get(path).body(Body::empty()).unwrap()).await;
@@ -494,34 +507,14 @@ async fn off_loopback_everything_needs_a_login() {
     let cookie = ok.cookie();
     let csrf = ok.json()["csrf"].as_str().unwrap().to_string();
     assert_eq!(ok.json()["user"], "ops");
-    let overview = send(
-        &app,
-        get("/ui/api/overview")
-            .header(header::COOKIE, &cookie)
-            .body(Body::empty())
-            .unwrap(),
-    )
-    .await;
+    let overview = send(&app, get("/ui/api/overview").cookie_only(&cookie)).await;
     assert_eq!(overview.status, StatusCode::OK);
-    let session = send(
-        &app,
-        get("/ui/api/session")
-            .header(header::COOKIE, &cookie)
-            .body(Body::empty())
-            .unwrap(),
-    )
-    .await
-    .json();
+    let session = send(&app, get("/ui/api/session").cookie_only(&cookie))
+        .await
+        .json();
     assert_eq!(session["csrf"], csrf.as_str());
     // Logged in, a state change still needs the token.
-    let no_token = send(
-        &app,
-        post("/ui/api/cases/X/cancel")
-            .header(header::COOKIE, &cookie)
-            .body(Body::empty())
-            .unwrap(),
-    )
-    .await;
+    let no_token = send(&app, post("/ui/api/cases/X/cancel").cookie_only(&cookie)).await;
     assert_eq!(no_token.status, StatusCode::FORBIDDEN);
     let with_token = send(
         &app,
@@ -549,14 +542,7 @@ async fn off_loopback_everything_needs_a_login() {
     )
     .await;
     assert_eq!(out.status, StatusCode::OK);
-    let after = send(
-        &app,
-        get("/ui/api/overview")
-            .header(header::COOKIE, &cookie)
-            .body(Body::empty())
-            .unwrap(),
-    )
-    .await;
+    let after = send(&app, get("/ui/api/overview").cookie_only(&cookie)).await;
     assert_eq!(after.status, StatusCode::UNAUTHORIZED);
     server.stop().await;
 }
