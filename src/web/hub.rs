@@ -5,7 +5,8 @@
 //! - `snapshot` (first on every stream, and after a stream fell behind): `{overview, cases}`;
 //! - `cases`: `{rows: [case summary | {case_id, removed: true}]}` for the cases that changed;
 //! - `activity`: `{events: [...]}`, the new case and step events;
-//! - `overview`: the overview, sent only when it differs from the last one sent.
+//! - `overview`: the overview (with the queues and the connections and their rates), sent
+//!   only when it differs from the last one sent.
 //!
 //! The page applies deltas to rows keyed by case id, so rows keep their place.
 

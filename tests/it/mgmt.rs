@@ -892,6 +892,7 @@ async fn metrics_have_help_type_and_per_queue_labels_and_pass_promtool() {
             .and_then(|d| d.bytes)
             .unwrap()
     };
+    let mut totals = Vec::new();
     for (direction, step, counter) in [
         (
             "upload",
@@ -914,12 +915,21 @@ async fn metrics_have_help_type_and_per_queue_labels_and_pass_promtool() {
         assert!(value > 0, "{direction}: {value}");
         assert_eq!(value, step_bytes(step), "{direction}");
         assert_eq!(store.counter(counter).unwrap(), value);
+        totals.push((counter, value));
     }
     assert!(text.contains("# TYPE mqic_transfer_bytes_total counter"));
     if have_program("metrics_pass_promtool", "promtool") {
         promtool_check(&text);
     }
-    server.stop().await;
+    // The totals are in the store file: they are there after mqic stops.
+    let path = store.path().to_path_buf();
+    drop((store, m));
+    let TestServer { app, dir: _dir, .. } = server;
+    app.shutdown().await;
+    let reopened = mqic::store::Store::open(&path).unwrap();
+    for (counter, value) in totals {
+        assert_eq!(reopened.counter(counter).unwrap(), value, "{counter}");
+    }
 }
 
 /// A real `mqic serve` with every listener on port 0; the three ready lines give the
