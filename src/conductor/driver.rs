@@ -14,7 +14,7 @@ use tokio::sync::Notify;
 use super::machine::{decide, Ctx, Effect, Input, Rejected};
 use super::plan::Plan;
 use crate::bus::Bus;
-use crate::config::HostConfig;
+use crate::config::{HostConfig, StepKind};
 use crate::protocol::events::EVENTS_EXCHANGE;
 use crate::protocol::topology::{
     CONDUCTOR_QUEUE, CONTROL_EXCHANGE, FILE_TRANSFER_QUEUE, REMOTE_EXECUTOR_QUEUE,
@@ -289,6 +289,9 @@ impl Conductor {
                 Effect::ReleaseGpu(gpu) => {
                     freed |= tx.release_lease(&gpu, &case.case_id)?;
                 }
+                Effect::Transferred { kind, bytes } => {
+                    tx.add_counter(transfer_counter(kind), bytes)?;
+                }
             }
         }
         tx.put_case(&case)?;
@@ -420,6 +423,7 @@ impl Conductor {
                         s.exit_code,
                         s.duration_ms as f64 / 1000.0
                     ),
+                    bytes: None,
                 },
             ),
             Command::CaseUploadCompleted(d) | Command::ResultsDownloadCompleted(d) => (
@@ -428,9 +432,10 @@ impl Conductor {
                     step: d.step.step.clone(),
                     attempt: d.step.attempt,
                     detail: format!(
-                        "{} files, {} bytes ({} already there)",
-                        d.files, d.bytes, d.skipped
+                        "{} files, {} bytes ({} already there, {} bytes copied)",
+                        d.files, d.bytes, d.skipped, d.copied_bytes
                     ),
+                    bytes: Some(d.copied_bytes),
                 },
             ),
             Command::ExecutionFailed(f) | Command::FileTransferFailed(f) => {
@@ -450,6 +455,17 @@ impl Conductor {
             }
         }
         Ok(())
+    }
+}
+
+/// The store counters (see [`Store::counter`]) summing the bytes transfer steps copied.
+pub const TRANSFER_BYTES_UPLOAD: &str = "transfer_bytes.upload";
+pub const TRANSFER_BYTES_DOWNLOAD: &str = "transfer_bytes.download";
+
+fn transfer_counter(kind: StepKind) -> &'static str {
+    match kind {
+        StepKind::Download => TRANSFER_BYTES_DOWNLOAD,
+        _ => TRANSFER_BYTES_UPLOAD,
     }
 }
 

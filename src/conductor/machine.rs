@@ -37,6 +37,8 @@ pub enum Input {
         step: String,
         attempt: u32,
         detail: String,
+        /// Bytes a transfer step copied (None for other steps).
+        bytes: Option<u64>,
     },
     /// A step failed. Seed-format senders may leave out the step and attempt.
     Failed {
@@ -74,6 +76,11 @@ pub enum Effect {
     ReleaseGpu(GpuKey),
     /// Tell every executor to kill a step attempt (on the control exchange).
     Cancel(CancelStep),
+    /// Add to the store's running total of bytes transferred in this direction.
+    Transferred {
+        kind: StepKind,
+        bytes: u64,
+    },
 }
 
 /// A decision: the case after the input, the history rows to append, what to do.
@@ -242,15 +249,22 @@ pub fn decide(
             step,
             attempt,
             detail,
+            bytes,
         } => {
             d.current(&step, attempt)?;
             d.release_gpu();
             let run = d.case.step.take().expect("checked by current");
+            let kind = workflow.steps[d.case.step_index].config.kind;
+            let bytes = bytes.filter(|_| matches!(kind, StepKind::Upload | StepKind::Download));
+            if let Some(bytes) = bytes {
+                d.effects.push(Effect::Transferred { kind, bytes });
+            }
             d.case.done.push(StepDone {
                 name: run.name.clone(),
                 attempts: run.attempt,
                 started_ms: run.started_ms.unwrap_or(run.dispatched_ms),
                 finished_ms: ctx.now_ms,
+                bytes,
             });
             d.case.step_index += 1;
             d.case.attempts = 0;
@@ -830,6 +844,7 @@ kind = "download"
                 step: step.into(),
                 attempt,
                 detail: String::new(),
+                bytes: None,
             })
         }
 
@@ -1031,6 +1046,35 @@ kind = "download"
     }
 
     #[test]
+    fn transfer_steps_record_and_count_their_bytes() {
+        let mut r = Run::new();
+        r.ok(Input::Found);
+        let d = r.ok(Input::Succeeded {
+            step: "upload".into(),
+            attempt: 1,
+            detail: String::new(),
+            bytes: Some(1234),
+        });
+        assert!(d.effects.contains(&Effect::Transferred {
+            kind: StepKind::Upload,
+            bytes: 1234
+        }));
+        assert_eq!(r.case.done[0].bytes, Some(1234));
+        // A step that moves nothing counts nothing, whatever its result says.
+        let d = r.ok(Input::Succeeded {
+            step: "simulate".into(),
+            attempt: 1,
+            detail: String::new(),
+            bytes: Some(99),
+        });
+        assert!(!d
+            .effects
+            .iter()
+            .any(|e| matches!(e, Effect::Transferred { .. })));
+        assert_eq!(r.case.done[1].bytes, None);
+    }
+
+    #[test]
     fn duplicate_and_stale_results_change_nothing() {
         let mut r = Run::new();
         r.ok(Input::Found);
@@ -1039,6 +1083,7 @@ kind = "download"
             step: "upload".into(),
             attempt: 1,
             detail: String::new(),
+            bytes: None,
         };
         assert!(matches!(r.feed(dup).unwrap_err(), Rejected::Stale(_)));
         r.fail("lost", FailureCategory::Retryable, "");
@@ -1048,6 +1093,7 @@ kind = "download"
             step: "simulate".into(),
             attempt: 1,
             detail: String::new(),
+            bytes: None,
         };
         assert!(matches!(r.feed(late).unwrap_err(), Rejected::Stale(_)));
         let late_start = Input::Started {
@@ -1202,6 +1248,7 @@ kind = "download"
             step: "simulate".into(),
             attempt: 1,
             detail: String::new(),
+            bytes: None,
         };
         assert!(matches!(r.feed(late).unwrap_err(), Rejected::Stale(_)));
         assert!(matches!(

@@ -105,7 +105,7 @@ pub fn exchange_json(vhost: &str, x: &crate::amqp::exchange::Exchange) -> Value 
 }
 
 /// Characters kept as they are in a properties key (RFC 3986 unreserved).
-fn percent_encode(s: &str) -> String {
+pub fn percent_encode(s: &str) -> String {
     let mut out = String::new();
     for b in s.bytes() {
         if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
@@ -246,36 +246,34 @@ fn channels_json(m: &Mgmt, user: &AuthUser) -> Vec<Value> {
     out
 }
 
-fn consumers_json(m: &Mgmt, vhosts: &[Arc<VHost>]) -> Vec<Value> {
+fn consumers_json(m: &Mgmt, v: &VHost) -> Vec<Value> {
     let mut out = Vec::new();
-    for v in vhosts {
-        for q in v.all_queues() {
-            for c in q.consumers() {
-                let conn = m.broker.stats.connection(c.channel.connection);
-                let details = conn.as_ref().map(|k| {
-                    json!({
-                        "name": channel_name(k, c.channel.id),
-                        "number": c.channel.id,
-                        "connection_name": k.name,
-                        "peer_host": peer_host(k),
-                        "peer_port": k.peer.map(|p| p.port()),
-                        "user": k.user,
-                        "node": m.node,
-                    })
-                });
-                out.push(json!({
-                    "consumer_tag": c.tag,
-                    "queue": {"name": q.name(), "vhost": v.name},
-                    "channel_details": details,
-                    "ack_required": !c.no_ack,
-                    "exclusive": c.exclusive,
-                    "prefetch_count": c.prefetch,
-                    "arguments": table_to_json(&c.arguments),
-                    "active": true,
-                    "activity_status": "up",
-                    "priority": c.priority,
-                }));
-            }
+    for q in v.all_queues() {
+        for c in q.consumers() {
+            let conn = m.broker.stats.connection(c.channel.connection);
+            let details = conn.as_ref().map(|k| {
+                json!({
+                    "name": channel_name(k, c.channel.id),
+                    "number": c.channel.id,
+                    "connection_name": k.name,
+                    "peer_host": peer_host(k),
+                    "peer_port": k.peer.map(|p| p.port()),
+                    "user": k.user,
+                    "node": m.node,
+                })
+            });
+            out.push(json!({
+                "consumer_tag": c.tag,
+                "queue": {"name": q.name(), "vhost": v.name},
+                "channel_details": details,
+                "ack_required": !c.no_ack,
+                "exclusive": c.exclusive,
+                "prefetch_count": c.prefetch,
+                "arguments": table_to_json(&c.arguments),
+                "active": true,
+                "activity_status": "up",
+                "priority": c.priority,
+            }));
         }
     }
     out
@@ -515,23 +513,30 @@ pub async fn node(
     Ok(Json(node_json(&m)))
 }
 
-fn sorted_queues(v: &VHost) -> Vec<Arc<Queue>> {
+/// A list over every vhost the user may see (`vhost` None) or over one (`/api/X/VHOST`):
+/// `items` gives one vhost's objects.
+fn list_vhosts(
+    m: &Mgmt,
+    user: &AuthUser,
+    vhost: Option<&str>,
+    q: &ListQuery,
+    items: impl Fn(&Arc<VHost>) -> Vec<Value>,
+) -> ApiResult<Json<Value>> {
+    let vhosts = match vhost {
+        Some(name) => vec![visible_vhost(m, user, name)?],
+        None => visible_vhosts(m, user),
+    };
+    Ok(Json(list(vhosts.iter().flat_map(items).collect(), q)?))
+}
+
+fn sorted_queues(m: &Mgmt, v: &VHost) -> Vec<Value> {
     let mut qs = v.all_queues();
     qs.sort_by(|a, b| a.name().cmp(b.name()));
-    qs
+    qs.iter().map(|x| queue_json(m, x)).collect()
 }
 
 pub async fn queues(State(m): M, Extension(user): U, Query(q): Q) -> ApiResult<Json<Value>> {
-    let items = visible_vhosts(&m, &user)
-        .iter()
-        .flat_map(|v| {
-            sorted_queues(v)
-                .into_iter()
-                .map(|x| queue_json(&m, &x))
-                .collect::<Vec<_>>()
-        })
-        .collect();
-    Ok(Json(list(items, &q)?))
+    list_vhosts(&m, &user, None, &q, |v| sorted_queues(&m, v))
 }
 
 pub async fn queues_in(
@@ -540,12 +545,7 @@ pub async fn queues_in(
     Path(vhost): Path<String>,
     Query(q): Q,
 ) -> ApiResult<Json<Value>> {
-    let v = visible_vhost(&m, &user, &vhost)?;
-    let items = sorted_queues(&v)
-        .iter()
-        .map(|x| queue_json(&m, x))
-        .collect();
-    Ok(Json(list(items, &q)?))
+    list_vhosts(&m, &user, Some(&vhost), &q, |v| sorted_queues(&m, v))
 }
 
 pub async fn queue(
@@ -580,11 +580,7 @@ fn sorted_exchanges(v: &VHost) -> Vec<Value> {
 }
 
 pub async fn exchanges(State(m): M, Extension(user): U, Query(q): Q) -> ApiResult<Json<Value>> {
-    let items = visible_vhosts(&m, &user)
-        .iter()
-        .flat_map(|v| sorted_exchanges(v))
-        .collect();
-    Ok(Json(list(items, &q)?))
+    list_vhosts(&m, &user, None, &q, |v| sorted_exchanges(v))
 }
 
 pub async fn exchanges_in(
@@ -593,8 +589,7 @@ pub async fn exchanges_in(
     Path(vhost): Path<String>,
     Query(q): Q,
 ) -> ApiResult<Json<Value>> {
-    let v = visible_vhost(&m, &user, &vhost)?;
-    Ok(Json(list(sorted_exchanges(&v), &q)?))
+    list_vhosts(&m, &user, Some(&vhost), &q, |v| sorted_exchanges(v))
 }
 
 /// The exchange a URL names: `amq.default` is the default exchange "".
@@ -655,11 +650,7 @@ fn exchange_bindings(
 }
 
 pub async fn bindings(State(m): M, Extension(user): U, Query(q): Q) -> ApiResult<Json<Value>> {
-    let items = visible_vhosts(&m, &user)
-        .iter()
-        .flat_map(|v| vhost_bindings(v))
-        .collect();
-    Ok(Json(list(items, &q)?))
+    list_vhosts(&m, &user, None, &q, |v| vhost_bindings(v))
 }
 
 pub async fn bindings_in(
@@ -668,8 +659,7 @@ pub async fn bindings_in(
     Path(vhost): Path<String>,
     Query(q): Q,
 ) -> ApiResult<Json<Value>> {
-    let v = visible_vhost(&m, &user, &vhost)?;
-    Ok(Json(list(vhost_bindings(&v), &q)?))
+    list_vhosts(&m, &user, Some(&vhost), &q, |v| vhost_bindings(v))
 }
 
 /// The bindings between one source and one destination (`kind` "q" or "e").
@@ -717,8 +707,7 @@ pub async fn channels(State(m): M, Extension(user): U, Query(q): Q) -> ApiResult
 }
 
 pub async fn consumers(State(m): M, Extension(user): U, Query(q): Q) -> ApiResult<Json<Value>> {
-    let vhosts = visible_vhosts(&m, &user);
-    Ok(Json(list(consumers_json(&m, &vhosts), &q)?))
+    list_vhosts(&m, &user, None, &q, |v| consumers_json(&m, v))
 }
 
 pub async fn consumers_in(
@@ -727,8 +716,7 @@ pub async fn consumers_in(
     Path(vhost): Path<String>,
     Query(q): Q,
 ) -> ApiResult<Json<Value>> {
-    let v = visible_vhost(&m, &user, &vhost)?;
-    Ok(Json(list(consumers_json(&m, &[v]), &q)?))
+    list_vhosts(&m, &user, Some(&vhost), &q, |v| consumers_json(&m, v))
 }
 
 pub async fn vhosts(State(m): M, Extension(user): U, Query(q): Q) -> ApiResult<Json<Value>> {

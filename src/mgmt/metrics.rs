@@ -12,6 +12,7 @@ use axum::response::{IntoResponse, Response};
 
 use super::Mgmt;
 use crate::amqp::stats::{Counters, QueueCounters};
+use crate::conductor::driver::{TRANSFER_BYTES_DOWNLOAD, TRANSFER_BYTES_UPLOAD};
 use crate::store::records::{now_ms, CaseStatus, GpuState};
 
 /// The content type of the text format.
@@ -528,6 +529,21 @@ fn workflow_metrics(
         &[("state", "missing")],
         workers.iter().filter(|w| !w.alive(now)).count() as f64,
     );
+    e.family(
+        "mqic_transfer_bytes_total",
+        "counter",
+        "Bytes copied by transfer steps (upload to the step host, download of results), kept in the store across restarts; files already in place count nothing.",
+    );
+    for (direction, counter) in [
+        ("upload", TRANSFER_BYTES_UPLOAD),
+        ("download", TRANSFER_BYTES_DOWNLOAD),
+    ] {
+        e.sample(
+            "mqic_transfer_bytes_total",
+            &[("direction", direction)],
+            store.counter(counter)? as f64,
+        );
+    }
     e.single(
         "mqic_outbox_messages",
         "gauge",

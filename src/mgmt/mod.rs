@@ -337,9 +337,14 @@ pub fn api_router(m: Arc<Mgmt>) -> axum::Router {
         "/api/policies",
         "/api/operator-policies",
         "/api/vhost-limits",
+        "/api/vhost-limits/{vhost}",
+        "/api/user-limits",
+        "/api/user-limits/{user}",
         "/api/topic-permissions",
         "/api/extensions",
         "/api/feature-flags",
+        "/api/deprecated-features",
+        "/api/deprecated-features/used",
     ] {
         r = both(r, path, get(api::empty_list));
     }

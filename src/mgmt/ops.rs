@@ -190,6 +190,16 @@ pub struct DeleteQuery {
     pub if_empty: Option<bool>,
 }
 
+/// A vhost the user may change (403 otherwise), 404 when there is none.
+fn user_vhost(
+    m: &Mgmt,
+    user: &AuthUser,
+    vhost: &str,
+) -> ApiResult<Arc<crate::amqp::broker::VHost>> {
+    user.check_vhost(vhost)?;
+    m.broker.vhost(vhost).ok_or_else(ApiError::not_found)
+}
+
 pub async fn put_queue(
     State(m): M,
     Extension(user): U,
@@ -206,8 +216,7 @@ pub async fn delete_queue(
     Path((vhost, name)): Path<(String, String)>,
     Query(q): Query<DeleteQuery>,
 ) -> ApiResult<StatusCode> {
-    user.check_vhost(&vhost)?;
-    let v = m.broker.vhost(&vhost).ok_or_else(ApiError::not_found)?;
+    let v = user_vhost(&m, &user, &vhost)?;
     v.queue(&name).ok_or_else(ApiError::not_found)?;
     v.delete_queue(
         &name,
@@ -224,8 +233,7 @@ pub async fn purge_queue(
     Extension(user): U,
     Path((vhost, name)): Path<(String, String)>,
 ) -> ApiResult<StatusCode> {
-    user.check_vhost(&vhost)?;
-    let v = m.broker.vhost(&vhost).ok_or_else(ApiError::not_found)?;
+    let v = user_vhost(&m, &user, &vhost)?;
     let q = v.queue(&name).ok_or_else(ApiError::not_found)?;
     q.check_access(m.broker.next_connection_id())?;
     q.purge();
@@ -248,8 +256,7 @@ pub async fn delete_exchange(
     Path((vhost, name)): Path<(String, String)>,
     Query(q): Query<DeleteQuery>,
 ) -> ApiResult<StatusCode> {
-    user.check_vhost(&vhost)?;
-    let v = m.broker.vhost(&vhost).ok_or_else(ApiError::not_found)?;
+    let v = user_vhost(&m, &user, &vhost)?;
     let name = url_exchange(&name);
     v.exchange(name).ok_or_else(ApiError::not_found)?;
     v.delete_exchange(name, q.if_unused == Some(true))?;
@@ -281,19 +288,11 @@ pub async fn post_binding(
 ) -> ApiResult<Response> {
     let body = body_object(&body)?;
     let key = bind(&m, &user, &vhost, &source, &kind, &destination, &body)?;
-    Ok((StatusCode::CREATED, [(header::LOCATION, percent(&key))]).into_response())
-}
-
-fn percent(s: &str) -> String {
-    let mut out = String::new();
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
+    Ok((
+        StatusCode::CREATED,
+        [(header::LOCATION, super::api::percent_encode(&key))],
+    )
+        .into_response())
 }
 
 fn find_binding(
@@ -332,8 +331,7 @@ pub async fn delete_binding(
     Extension(user): U,
     Path((vhost, source, kind, destination, props)): Path<(String, String, String, String, String)>,
 ) -> ApiResult<StatusCode> {
-    user.check_vhost(&vhost)?;
-    let v = m.broker.vhost(&vhost).ok_or_else(ApiError::not_found)?;
+    let v = user_vhost(&m, &user, &vhost)?;
     let b = find_binding(&v, &source, &kind, &destination, &props)?;
     let rk = b["routing_key"].as_str().unwrap_or("");
     let args = json_to_table(&b["arguments"])?;

@@ -102,6 +102,9 @@ pub struct TransferDone {
     /// Files already present with the same size and hash, so not sent again.
     #[serde(default)]
     pub skipped: u64,
+    /// Bytes copied by this transfer (`bytes` less the files skipped); 0 from older senders.
+    #[serde(default)]
+    pub copied_bytes: u64,
 }
 
 /// `execute_command`: run a rendered step command on a host.

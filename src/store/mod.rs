@@ -253,6 +253,12 @@ impl Store {
         Ok(txn.open_table(ARCHIVED_CASES)?.len()?)
     }
 
+    /// A running total kept in the meta table by [`Tx::add_counter`] (0 when never added to).
+    pub fn counter(&self, name: &str) -> StoreResult<u64> {
+        let txn = self.db.begin_read()?;
+        read_counter(&txn.open_table(META)?, name)
+    }
+
     pub fn gpus(&self) -> StoreResult<Vec<GpuRecord>> {
         let txn = self.db.begin_read()?;
         decode_all(&txn.open_table(GPUS)?, "gpu_resources")
@@ -475,6 +481,17 @@ impl Tx<'_> {
         }
     }
 
+    /// Adds `n` to a running total in the meta table (see [`Store::counter`]).
+    pub fn add_counter(&mut self, name: &str, n: u64) -> StoreResult<u64> {
+        let mut meta = self.txn.open_table(META)?;
+        let total = read_counter(&meta, name)?.saturating_add(n);
+        meta.insert(
+            format!("{COUNTER_PREFIX}{name}").as_str(),
+            total.to_le_bytes().as_slice(),
+        )?;
+        Ok(total)
+    }
+
     pub fn put_worker(&mut self, w: &WorkerRecord) -> StoreResult<()> {
         self.txn
             .open_table(WORKERS)?
@@ -532,6 +549,22 @@ impl Tx<'_> {
         }
         Ok(old.len() as u64)
     }
+}
+
+/// Meta-table keys of the running totals.
+const COUNTER_PREFIX: &str = "counter.";
+
+fn read_counter(
+    meta: &impl ReadableTable<&'static str, &'static [u8]>,
+    name: &str,
+) -> StoreResult<u64> {
+    let key = format!("{COUNTER_PREFIX}{name}");
+    Ok(meta.get(key.as_str())?.map_or(0, |g| {
+        let mut b = [0u8; 8];
+        let raw = g.value();
+        b[..raw.len().min(8)].copy_from_slice(&raw[..raw.len().min(8)]);
+        u64::from_le_bytes(b)
+    }))
 }
 
 #[cfg(test)]

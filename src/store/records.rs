@@ -125,6 +125,9 @@ pub struct StepDone {
     pub attempts: u32,
     pub started_ms: u64,
     pub finished_ms: u64,
+    /// Bytes a transfer step copied (absent for other steps and older records).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes: Option<u64>,
 }
 
 /// The structured failure of a case.

@@ -150,3 +150,8 @@ pub async fn workers(State(web): State<Arc<Web>>) -> Response {
 pub async fn queues(State(web): State<Arc<Web>>) -> Response {
     Json(web.hub.queues(&web)).into_response()
 }
+
+/// `GET /ui/api/connections`: the open AMQP connections and their channels.
+pub async fn connections(State(web): State<Arc<Web>>) -> Response {
+    Json(web.hub.connections(&web)).into_response()
+}

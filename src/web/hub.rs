@@ -5,7 +5,8 @@
 //! - `snapshot` (first on every stream, and after a stream fell behind): `{overview, cases}`;
 //! - `cases`: `{rows: [case summary | {case_id, removed: true}]}` for the cases that changed;
 //! - `activity`: `{events: [...]}`, the new case and step events;
-//! - `overview`: the overview, sent only when it differs from the last one sent.
+//! - `overview`: the overview (with the queues and the connections and their rates), sent
+//!   only when it differs from the last one sent.
 //!
 //! The page applies deltas to rows keyed by case id, so rows keep their place.
 
@@ -55,10 +56,54 @@ struct State_ {
     throughput: std::collections::BTreeMap<u64, (u64, u64)>,
     gpu_history: HashMap<String, VecDeque<Value>>,
     last_gpu_sample: Option<Instant>,
-    /// queue key -> (published count, when), for publish rates.
-    published: HashMap<String, (u64, Instant)>,
-    rates: HashMap<String, f64>,
+    /// Queue and connection counters, for their rates.
+    rates: Rates,
     last_overview: String,
+}
+
+/// Per-second rates of monotonic counters (a queue's publishes, deliveries and acks, a
+/// connection's bytes): the change between the last two looks at least [`RATE_MIN`] apart.
+#[derive(Default)]
+struct Rates {
+    /// key -> (counter values, when read)
+    last: HashMap<String, (Vec<u64>, Instant)>,
+    rates: HashMap<String, Vec<f64>>,
+}
+
+/// The shortest interval a rate is computed over (looks closer together reuse the last).
+const RATE_MIN: Duration = Duration::from_millis(500);
+
+impl Rates {
+    /// The rates of `values` (read `now`) under `key`; zeros on the first look.
+    fn update(&mut self, key: String, now: Instant, values: &[u64]) -> Vec<f64> {
+        let zero = || vec![0.0; values.len()];
+        match self.last.get(&key) {
+            Some((before, at)) if now.duration_since(*at) >= RATE_MIN => {
+                let secs = now.duration_since(*at).as_secs_f64();
+                let r: Vec<f64> = values
+                    .iter()
+                    .zip(before)
+                    .map(|(v, b)| (v.saturating_sub(*b) as f64 / secs * 10.0).round() / 10.0)
+                    .collect();
+                self.rates.insert(key.clone(), r.clone());
+                self.last.insert(key, (values.to_vec(), now));
+                r
+            }
+            Some(_) => self.rates.get(&key).cloned().unwrap_or_else(zero),
+            None => {
+                self.last.insert(key, (values.to_vec(), now));
+                zero()
+            }
+        }
+    }
+
+    /// Forgets the keys starting with `prefix` that are not in `seen` (deleted queues,
+    /// closed connections).
+    fn retain(&mut self, prefix: &str, seen: &BTreeSet<String>) {
+        let keep = |k: &String| !k.starts_with(prefix) || seen.contains(k);
+        self.last.retain(|k, _| keep(k));
+        self.rates.retain(|k, _| keep(k));
+    }
 }
 
 pub struct Hub {
@@ -246,12 +291,13 @@ impl Hub {
         Ok(events.len())
     }
 
-    /// Every queue of the dashboard's vhosts (exclusive reply queues left out), with publish
-    /// rates from the last two looks.
+    /// Every queue of the dashboard's vhosts (exclusive reply queues left out), with publish,
+    /// deliver (consumed and got) and ack rates from the last two looks.
     pub fn queues(&self, web: &Web) -> Value {
         let now = Instant::now();
         let mut st = self.state.lock();
         let mut rows = Vec::new();
+        let mut seen = BTreeSet::new();
         let mut exclusive = 0;
         for vhost in &web.vhosts {
             let Some(v) = web.broker.vhost(vhost) else {
@@ -263,32 +309,73 @@ impl Hub {
                     continue;
                 }
                 let (ready, unacked, bytes) = q.stats();
-                let published = q.published();
-                let key = format!("{vhost}\u{0}{}", q.name());
-                let rate = match st.published.get(&key) {
-                    Some((before, at)) if now.duration_since(*at) >= Duration::from_millis(500) => {
-                        let r = published.saturating_sub(*before) as f64
-                            / now.duration_since(*at).as_secs_f64();
-                        st.rates.insert(key.clone(), r);
-                        st.published.insert(key.clone(), (published, now));
-                        r
-                    }
-                    Some(_) => st.rates.get(&key).copied().unwrap_or(0.0),
-                    None => {
-                        st.published.insert(key.clone(), (published, now));
-                        0.0
-                    }
-                };
+                let c = q.counters();
+                let key = format!("q:{vhost}\u{0}{}", q.name());
+                let r = st.rates.update(
+                    key.clone(),
+                    now,
+                    &[c.published, c.delivered_total(), c.acked],
+                );
+                seen.insert(key);
                 rows.push(json!({
                     "vhost": vhost, "name": q.name(), "durable": q.spec.durable,
                     "ready": ready, "unacked": unacked, "messages": ready + unacked,
                     "bytes": bytes, "consumers": q.consumer_count(),
-                    "published": published, "publish_rate": (rate * 10.0).round() / 10.0,
+                    "published": c.published, "delivered": c.delivered_total(), "acked": c.acked,
+                    "publish_rate": r[0], "deliver_rate": r[1], "ack_rate": r[2],
                 }));
             }
         }
+        st.rates.retain("q:", &seen);
         rows.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
         json!({ "queues": rows, "exclusive_hidden": exclusive })
+    }
+
+    /// The open AMQP connections on the dashboard's vhosts (network and mqic's own
+    /// in-process ones), oldest first, with byte rates, and their channels.
+    pub fn connections(&self, web: &Web) -> Value {
+        use std::sync::atomic::Ordering::Relaxed;
+        let now = Instant::now();
+        let state = match (web.broker.memory_alarm_on(), web.broker.disk_alarm_on()) {
+            (false, false) => "running",
+            _ => "blocking (alarm)",
+        };
+        let mut st = self.state.lock();
+        let mut rows = Vec::new();
+        let mut channels = Vec::new();
+        let mut seen = BTreeSet::new();
+        for c in web.broker.stats.connections() {
+            if !web.vhosts.contains(&c.vhost) {
+                continue;
+            }
+            let (recv, send) = (c.recv_oct.load(Relaxed), c.send_oct.load(Relaxed));
+            let key = format!("c:{}", c.id);
+            let r = st.rates.update(key.clone(), now, &[recv, send]);
+            seen.insert(key);
+            let props = crate::mgmt::json::table_to_json(&c.client_properties);
+            let mut chans = c.channels();
+            chans.sort_by_key(|ch| ch.id);
+            let mut consumers = 0;
+            for ch in &chans {
+                let n = ch.consumers().len();
+                consumers += n;
+                channels.push(json!({
+                    "connection_id": c.id, "connection": c.name, "number": ch.id,
+                    "user": c.user, "vhost": c.vhost, "consumers": n,
+                    "unacked": ch.unacked_count(), "prefetch": ch.global_prefetch(),
+                }));
+            }
+            rows.push(json!({
+                "id": c.id, "name": c.name, "type": if c.is_direct() { "direct" } else { "network" },
+                "client": props.get("connection_name").or_else(|| props.get("product")),
+                "user": c.user, "vhost": c.vhost, "state": state,
+                "channels": chans.len(), "consumers": consumers,
+                "connected_at": c.connected_at_ms, "heartbeat": c.heartbeat,
+                "recv_oct": recv, "send_oct": send, "recv_rate": r[0], "send_rate": r[1],
+            }));
+        }
+        st.rates.retain("c:", &seen);
+        json!({ "connections": rows, "channels": channels })
     }
 
     /// Samples kept per GPU: `{t, leased, ...numeric fields of list_gpus}`.
@@ -338,6 +425,7 @@ impl Hub {
         let workers = call(web, Method::ListWorkers, Value::Null).await?;
         self.sample_gpus(&gpus);
         let queues = self.queues(web);
+        let connection_list = self.connections(web);
         let minute = now_ms() / 60_000;
         let throughput: Vec<Value> = {
             let st = self.state.lock();
@@ -377,6 +465,7 @@ impl Hub {
             "health": health, "health_detail": why, "status": status,
             "throughput": throughput, "queues": queues, "gpus": gpus, "workers": workers,
             "connections": web.broker.connections.load(std::sync::atomic::Ordering::Relaxed),
+            "connection_list": connection_list,
             "memory_alarm": alarm, "now": now_ms(),
         }))
     }

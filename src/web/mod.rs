@@ -78,6 +78,7 @@ pub fn router(web: Arc<Web>) -> Router {
         .route("/ui/api/gpus", get(api::gpus))
         .route("/ui/api/workers", get(api::workers))
         .route("/ui/api/queues", get(api::queues))
+        .route("/ui/api/connections", get(api::connections))
         .route("/ui/events", get(hub::events))
         .route("/ui/events/log/{id}", get(logtail::events))
         .layer(axum::middleware::from_fn_with_state(

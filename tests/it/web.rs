@@ -83,6 +83,26 @@ fn post(path: &str) -> axum::http::request::Builder {
         .header(header::HOST, "127.0.0.1:8080")
 }
 
+/// A request with the session cookie and no body.
+trait CookieOnly {
+    fn cookie_only(self, cookie: &str) -> Request<Body>;
+}
+
+impl CookieOnly for axum::http::request::Builder {
+    fn cookie_only(self, cookie: &str) -> Request<Body> {
+        self.header(header::COOKIE, cookie)
+            .body(Body::empty())
+            .unwrap()
+    }
+}
+
+/// The JSON a GET answers (no session: loopback reads need none).
+async fn get_json(app: &Router, path: &str) -> Value {
+    let a = send(app, get(path).body(Body::empty()).unwrap()).await;
+    assert_eq!(a.status, StatusCode::OK, "{path}: {}", a.text());
+    a.json()
+}
+
 /// A loopback session: (cookie, csrf token).
 async fn loopback_session(app: &Router) -> (String, String) {
     let a = send(app, get("/ui/api/session").body(Body::empty()).unwrap()).await;
@@ -303,6 +323,115 @@ async fn the_api_reads_the_store_and_retry_goes_through_the_state_machine() {
     server.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_channels_and_queue_rates_come_from_the_broker() {
+    use lapin::options::{BasicAckOptions, BasicPublishOptions};
+    let server = workflow::start(|_| {}).await;
+    let app = router(&server, &server.app.config);
+    let (conn, ch, mut consumer) = lab_tool(&server, "router-lab-tool").await;
+    let listed = get_json(&app, "/ui/api/connections").await;
+    let rows = listed["connections"].as_array().unwrap();
+    let mine = rows
+        .iter()
+        .find(|c| c["client"] == "router-lab-tool")
+        .unwrap_or_else(|| panic!("{listed}"));
+    assert_eq!(mine["type"], "network", "{mine}");
+    assert_eq!(mine["user"], "guest", "{mine}");
+    assert_eq!(mine["vhost"], "/", "{mine}");
+    assert_eq!(mine["channels"], 1, "{mine}");
+    assert_eq!(mine["consumers"], 1, "{mine}");
+    assert!(mine["recv_oct"].as_u64().unwrap() > 0, "{mine}");
+    assert!(
+        rows.iter().any(|c| c["type"] == "direct"),
+        "mqic's own in-process connections are listed: {listed}"
+    );
+    let chan = listed["channels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["connection_id"] == mine["id"])
+        .unwrap_or_else(|| panic!("{listed}"));
+    assert_eq!(
+        (chan["number"].as_u64(), chan["consumers"].as_u64()),
+        (Some(1), Some(1))
+    );
+
+    // The overview carries the same list (so the page updates it live over SSE).
+    let overview = get_json(&app, "/ui/api/overview").await;
+    assert!(overview["connection_list"]["connections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|c| c["client"] == "router-lab-tool"));
+
+    // Publish, consume and ack 5 messages: the counters move, and the rates (taken between
+    // two looks) turn positive.
+    let first = get_json(&app, "/ui/api/queues").await;
+    let row = |v: &Value| {
+        v["queues"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|q| q["name"] == "lab-watched")
+            .cloned()
+            .unwrap_or_else(|| panic!("{v}"))
+    };
+    assert_eq!(row(&first)["deliver_rate"], 0.0);
+    for i in 0..5 {
+        ch.basic_publish(
+            "".into(),
+            "lab-watched".into(),
+            BasicPublishOptions::default(),
+            format!("m{i}").as_bytes(),
+            Default::default(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    }
+    for _ in 0..5 {
+        let d = consumer.next().await.unwrap().unwrap();
+        d.ack(BasicAckOptions::default()).await.unwrap();
+    }
+    // Each look after the first rates the interval since the last rated one, so the three
+    // counters may move in different intervals: every rate must have been positive once.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let mut seen = [0.0f64; 3];
+    let q = loop {
+        let q = row(&get_json(&app, "/ui/api/queues").await);
+        for (i, k) in ["publish_rate", "deliver_rate", "ack_rate"]
+            .iter()
+            .enumerate()
+        {
+            seen[i] = seen[i].max(q[k].as_f64().unwrap());
+        }
+        if q["acked"] == 5 && seen.iter().all(|r| *r > 0.0) {
+            break q;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{q} {seen:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        (q["published"].as_u64(), q["delivered"].as_u64()),
+        (Some(5), Some(5))
+    );
+
+    conn.close(200, "done".into()).await.unwrap();
+    loop {
+        let listed = get_json(&app, "/ui/api/connections").await;
+        if !listed.to_string().contains("router-lab-tool") {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still listed after close: {listed}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    server.stop().await;
+}
+
 fn ops_user(password: &str) -> UserConfig {
     let text = format!(
         "[[amqp.users]]\nname = \"ops\"\npassword_hash = \"{}\"\ntags = [\"management\"]\n",
@@ -378,34 +507,14 @@ async fn off_loopback_everything_needs_a_login() {
     let cookie = ok.cookie();
     let csrf = ok.json()["csrf"].as_str().unwrap().to_string();
     assert_eq!(ok.json()["user"], "ops");
-    let overview = send(
-        &app,
-        get("/ui/api/overview")
-            .header(header::COOKIE, &cookie)
-            .body(Body::empty())
-            .unwrap(),
-    )
-    .await;
+    let overview = send(&app, get("/ui/api/overview").cookie_only(&cookie)).await;
     assert_eq!(overview.status, StatusCode::OK);
-    let session = send(
-        &app,
-        get("/ui/api/session")
-            .header(header::COOKIE, &cookie)
-            .body(Body::empty())
-            .unwrap(),
-    )
-    .await
-    .json();
+    let session = send(&app, get("/ui/api/session").cookie_only(&cookie))
+        .await
+        .json();
     assert_eq!(session["csrf"], csrf.as_str());
     // Logged in, a state change still needs the token.
-    let no_token = send(
-        &app,
-        post("/ui/api/cases/X/cancel")
-            .header(header::COOKIE, &cookie)
-            .body(Body::empty())
-            .unwrap(),
-    )
-    .await;
+    let no_token = send(&app, post("/ui/api/cases/X/cancel").cookie_only(&cookie)).await;
     assert_eq!(no_token.status, StatusCode::FORBIDDEN);
     let with_token = send(
         &app,
@@ -433,14 +542,7 @@ async fn off_loopback_everything_needs_a_login() {
     )
     .await;
     assert_eq!(out.status, StatusCode::OK);
-    let after = send(
-        &app,
-        get("/ui/api/overview")
-            .header(header::COOKIE, &cookie)
-            .body(Body::empty())
-            .unwrap(),
-    )
-    .await;
+    let after = send(&app, get("/ui/api/overview").cookie_only(&cookie)).await;
     assert_eq!(after.status, StatusCode::UNAUTHORIZED);
     server.stop().await;
 }
@@ -736,6 +838,36 @@ impl Cdp {
     }
 }
 
+/// A lapin connection named `name` with one channel consuming from a queue `lab-watched`.
+async fn lab_tool(
+    server: &TestServer,
+    name: &str,
+) -> (lapin::Connection, lapin::Channel, lapin::Consumer) {
+    use lapin::options::{BasicConsumeOptions, QueueDeclareOptions};
+    let props = lapin::ConnectionProperties::default().with_connection_name(name.into());
+    let conn = lapin::Connection::connect(&server.url(), props)
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    ch.queue_declare(
+        "lab-watched".into(),
+        QueueDeclareOptions::default(),
+        Default::default(),
+    )
+    .await
+    .unwrap();
+    let consumer = ch
+        .basic_consume(
+            "lab-watched".into(),
+            "lab-tool".into(),
+            BasicConsumeOptions::default(),
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    (conn, ch, consumer)
+}
+
 fn screenshot_path() -> PathBuf {
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
     std::fs::create_dir_all(&dir).unwrap();
@@ -899,8 +1031,9 @@ async fn chromium_watches_a_case_live_and_retries_a_failed_one() {
     std::fs::write(&path, &png).unwrap();
     println!("screenshot: {}", path.display());
     cdp.until(
-        "the retried case completed",
-        "document.getElementById('cd-status').textContent === 'COMPLETED'",
+        "the retried case completed, with the bytes its transfers moved",
+        "document.getElementById('cd-status').textContent === 'COMPLETED' && \
+         /Transferred.*upload \\d.*download \\d/.test(document.getElementById('cd-facts').textContent)",
     )
     .await;
     let case = wait_status(&store, &bad, CaseStatus::Completed).await;
@@ -935,6 +1068,47 @@ async fn chromium_watches_a_case_live_and_retries_a_failed_one() {
             .await,
         json!(true)
     );
+
+    // A real AMQP client (lapin) with a channel and a consumer shows up in the connections
+    // view, live; the queues view shows its consume rates next to publish.
+    let (conn, _ch, _consumer) = lab_tool(&server, "chromium-lab-tool").await;
+    cdp.eval("location.hash = '#/connections'").await;
+    let seen = cdp
+        .until(
+            "the lab tool's connection and channel listed",
+            "(() => { const r = Array.from(document.querySelectorAll('#connections-body tr')) \
+               .find((tr) => tr.children[1].textContent === 'chromium-lab-tool'); \
+               if (!r || r.children[2].textContent !== 'network' || r.children[5].textContent !== '1' || \
+                   r.children[6].textContent !== '1') return null; \
+               const ch = Array.from(document.querySelectorAll('#channels-body tr')) \
+               .find((tr) => tr.children[0].textContent === r.children[0].textContent + ' (1)'); \
+               return ch && ch.children[3].textContent === '1' ? r.children[0].textContent : null; })()",
+        )
+        .await;
+    println!("connection listed: {seen}");
+    let shot = cdp
+        .call("Page.captureScreenshot", json!({"format": "png"}))
+        .await;
+    let png = base64::engine::general_purpose::STANDARD
+        .decode(shot["data"].as_str().unwrap())
+        .unwrap();
+    let connections = screenshot_path().with_file_name("web-connections.png");
+    std::fs::write(&connections, &png).unwrap();
+    println!("screenshot: {}", connections.display());
+    conn.close(200, "done".into()).await.unwrap();
+    cdp.until(
+        "the closed connection gone from the view",
+        "!document.getElementById('connections-body').textContent.includes('chromium-lab-tool')",
+    )
+    .await;
+    cdp.eval("location.hash = '#/queues'").await;
+    cdp.until(
+        "the queues view with deliver and ack rates",
+        "document.querySelector('#page-queues thead').textContent.includes('Deliver /s') && \
+         document.querySelector('#page-queues thead').textContent.includes('Ack /s') && \
+         document.getElementById('queues-body').textContent.includes('lab-watched')",
+    )
+    .await;
 
     // A real loss (mqic stops): the banner comes, after its grace period.
     server.stop().await;

@@ -53,6 +53,13 @@ function fmtTime(v) {
   if (isNaN(d)) return String(v);
   return d.toLocaleTimeString([], { hour12: false }) + (sameDay(d) ? "" : " " + d.toLocaleDateString());
 }
+function fmtBytes(n) {
+  if (n < 1024) return (Number.isInteger(n) ? n : n.toFixed(1)) + " B";
+  const units = ["KiB", "MiB", "GiB", "TiB"];
+  let i = -1;
+  do { n /= 1024; i++; } while (n >= 1024 && i < units.length - 1);
+  return n.toFixed(n < 10 ? 1 : 0) + " " + units[i];
+}
 function sameDay(d) { const n = new Date(); return d.toDateString() === n.toDateString(); }
 function fmtDur(ms) {
   if (ms == null || ms < 0) return "";
@@ -260,6 +267,7 @@ function applyOverview(o) {
   keyedRows($("ov-queues"), (o.queues && o.queues.queues) || [], (q) => q.vhost + "/" + q.name,
     (q) => [q.name, q.ready, q.unacked, q.consumers], [0, 1, 1, 1]);
   renderQueues(o.queues || { queues: [] });
+  renderConnections(o.connection_list || {});
   renderWorkers(o.workers || []);
   renderGpus(o.gpus || []);
 }
@@ -345,7 +353,20 @@ function renderQueues(q) {
   setText($("q-summary"), q.queues.length + " queues" + (q.exclusive_hidden ? " (" + q.exclusive_hidden + " exclusive reply queues not shown)" : "") +
     "; " + ((state.overview && state.overview.connections) || 0) + " AMQP connections open");
   keyedRows($("queues-body"), q.queues, (x) => x.vhost + "/" + x.name,
-    (x) => [x.name, x.ready, x.unacked, x.messages, x.consumers, x.publish_rate.toFixed(1), x.bytes], [0, 1, 1, 1, 1, 1, 1]);
+    (x) => [x.name, x.ready, x.unacked, x.messages, x.consumers, x.publish_rate.toFixed(1), x.deliver_rate.toFixed(1), x.ack_rate.toFixed(1), x.bytes], [0, 1, 1, 1, 1, 1, 1, 1, 1]);
+}
+
+function renderConnections(d) {
+  const conns = d.connections || [], chans = d.channels || [];
+  const net = conns.filter((c) => c.type === "network").length;
+  setText($("conn-summary"), conns.length + " connections (" + net + " network, " + (conns.length - net) + " mqic's own in-process), " + chans.length + " channels");
+  keyedRows($("connections-body"), conns, (c) => String(c.id), (c) => [
+    c.name, c.client || "", c.type, c.user, c.vhost, c.channels, c.consumers, c.state,
+    fmtBytes(c.recv_rate) + "/s", fmtBytes(c.send_rate) + "/s", fmtBytes(c.recv_oct), fmtBytes(c.send_oct), fmtTime(c.connected_at),
+  ], [0, 0, 0, 0, 0, 1, 1, 0, 1, 1, 1, 1, 0]);
+  keyedRows($("channels-body"), chans, (ch) => ch.connection_id + "/" + ch.number, (ch) => [
+    ch.connection + " (" + ch.number + ")", ch.user, ch.vhost, ch.consumers, ch.unacked, ch.prefetch,
+  ], [0, 0, 0, 1, 1, 1]);
 }
 
 function renderWorkers(ws) {
@@ -445,6 +466,8 @@ function renderDetail(d) {
     ["Updated", fmtTime(c.updated_ms)],
     ["Manual retries", c.manual_retries || 0],
   ];
+  const moved = (c.done || []).filter((s) => s.bytes != null);
+  if (moved.length) facts.push(["Transferred", moved.map((s) => s.name + " " + fmtBytes(s.bytes)).join(", ")]);
   fillFacts($("cd-facts"), facts);
   const f = c.failure;
   $("cd-failure").classList.toggle("hidden", !f || c.status === "COMPLETED");
@@ -469,7 +492,7 @@ function fillFacts(dl, facts) {
 
 function stepsChart(c) {
   const box = $("cd-steps");
-  const bars = (c.done || []).map((s) => ({ name: s.name, a: s.started_ms, b: s.finished_ms, attempts: s.attempts, done: true }));
+  const bars = (c.done || []).map((s) => ({ name: s.name, a: s.started_ms, b: s.finished_ms, attempts: s.attempts, done: true, bytes: s.bytes }));
   if (c.step) bars.push({ name: c.step.name, a: c.step.started_ms || c.step.dispatched_ms, b: null, attempts: c.step.attempt, done: false });
   const key = JSON.stringify(bars) + (c.step ? Math.floor(Date.now() / 1000) : "");
   if (box.dataset.key === key) return;
@@ -486,7 +509,7 @@ function stepsChart(c) {
     const y = 4 + i * row;
     const name = svg("text", { x: 2, y: y + 13 }); name.textContent = b.name + (b.attempts > 1 ? " ×" + b.attempts : ""); s.append(name);
     s.append(svg("rect", { x, y: y + 3, width: w, height: row - 8, rx: 3, fill: b.done ? "#1f9d55" : "#2b6cb0" }));
-    const dur = svg("text", { x: Math.min(x + w + 4, W - 88), y: y + 13 }); dur.textContent = fmtDur(end - b.a) + (b.done ? "" : " …"); s.append(dur);
+    const dur = svg("text", { x: Math.min(x + w + 4, W - 88), y: y + 13 }); dur.textContent = fmtDur(end - b.a) + (b.done ? "" : " …") + (b.bytes != null ? ", " + fmtBytes(b.bytes) : ""); s.append(dur);
   });
   box.replaceChildren(s);
 }
@@ -556,7 +579,7 @@ function route() {
   if (!state.session) return;
   const parts = location.hash.replace(/^#\/?/, "").split("/");
   const name = parts[0] || "overview";
-  const known = ["overview", "cases", "case", "gpus", "queues", "workers"];
+  const known = ["overview", "cases", "case", "gpus", "queues", "connections", "workers"];
   state.route = known.includes(name) ? name : "overview";
   const caseId = state.route === "case" ? decodeURIComponent(parts.slice(1).join("/")) : null;
   if (caseId !== state.caseId) {

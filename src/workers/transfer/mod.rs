@@ -358,7 +358,7 @@ impl TransferWorker {
         let mut sources = source_digests(backend.as_ref(), src_side, &srcs).await?;
         let existing = hash_all(backend.as_ref(), dst_side, &dsts).await?;
         let mut pending = Vec::new();
-        let (mut bytes, mut skipped) = (0u64, 0u64);
+        let (mut bytes, mut skipped, mut copied_bytes) = (0u64, 0u64, 0u64);
         for (i, (source, there)) in sources.iter().zip(&existing).enumerate() {
             if *there == Some(*source) {
                 skipped += 1;
@@ -396,6 +396,7 @@ impl TransferWorker {
             )
             .await?;
             bytes += round_result.bytes;
+            copied_bytes += round_result.bytes;
             mismatches = round_result.mismatches;
             let again = round_result.again;
             for m in &mismatches {
@@ -421,6 +422,7 @@ impl TransferWorker {
             files,
             bytes,
             skipped,
+            copied_bytes,
         })
     }
 }
@@ -1050,6 +1052,7 @@ mod tests {
 
         let again = worker.transfer(&req, Direction::Upload).await.unwrap();
         assert_eq!((again.files, again.bytes, again.skipped), (20, total, 20));
+        assert_eq!((done.copied_bytes, again.copied_bytes), (total, 0));
 
         // Same size, different content: only a hash can tell.
         let changed = src.join("plan/beam1/f02.dcm");
@@ -1406,6 +1409,7 @@ mod tests {
             files: 0,
             bytes: 0,
             skipped: 0,
+            copied_bytes: 0,
         });
         tx.send(delivery(stray, 2, &ack_tx)).await.unwrap();
         assert_eq!(next_settle(&mut acks).await, (2, Settle::Ack));
