@@ -89,17 +89,21 @@ impl Confirms {
                 self.outstanding.fetch_add(1, Ordering::AcqRel);
                 let outstanding = self.outstanding.clone();
                 let out = shared.out.clone();
+                let confirmed = shared.confirmed_counter();
                 store.barrier(move |ok| {
                     for (tag, multiple, ack) in frames {
                         // A failed commit: the publisher hears nack, never a false ack.
                         out.confirm(tag, multiple, ack && ok);
+                        confirmed.fetch_max(tag, Ordering::Relaxed);
                     }
                     outstanding.fetch_sub(1, Ordering::AcqRel);
                 });
             }
             _ => {
+                let confirmed = shared.confirmed_counter();
                 for (tag, multiple, ack) in frames {
                     shared.out.confirm(tag, multiple, ack);
+                    confirmed.fetch_max(tag, Ordering::Relaxed);
                 }
             }
         }
@@ -574,6 +578,7 @@ impl Channel {
         let seq = match &mut self.mode {
             Mode::Confirm(c) => {
                 c.last += 1;
+                self.shared.note_published(c.last);
                 Some(c.last)
             }
             _ => None,
@@ -755,6 +760,7 @@ impl Channel {
             Mode::Confirm(_) => Ok(()),
             Mode::Plain => {
                 self.mode = Mode::Confirm(Confirms::default());
+                self.shared.set_confirm_mode();
                 Ok(())
             }
         }

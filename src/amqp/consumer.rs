@@ -5,7 +5,7 @@
 //! buffer. Channel code never takes a queue lock while holding its delivery state.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -138,6 +138,11 @@ pub struct ChannelShared {
     timed: AtomicBool,
     /// The channel's consumers by tag. Queues remove entries when they cancel a consumer.
     consumers: Mutex<HashMap<String, Arc<Consumer>>>,
+    /// Publisher confirms, for the management API: the channel is in confirm mode, the last
+    /// publish sequence number, and the highest one confirmed (acked or nacked) on the wire.
+    confirm_mode: AtomicBool,
+    published: AtomicU64,
+    confirmed: Arc<AtomicU64>,
 }
 
 impl ChannelShared {
@@ -158,7 +163,33 @@ impl ChannelShared {
             closed: AtomicBool::new(false),
             timed: AtomicBool::new(false),
             consumers: Mutex::new(HashMap::new()),
+            confirm_mode: AtomicBool::new(false),
+            published: AtomicU64::new(0),
+            confirmed: Arc::new(AtomicU64::new(0)),
         })
+    }
+
+    pub fn set_confirm_mode(&self) {
+        self.confirm_mode.store(true, Ordering::Relaxed);
+    }
+
+    pub fn confirm_mode(&self) -> bool {
+        self.confirm_mode.load(Ordering::Relaxed)
+    }
+
+    pub fn note_published(&self, seq: u64) {
+        self.published.store(seq, Ordering::Relaxed);
+    }
+
+    /// The counter that confirm senders raise to the highest tag they put on the wire.
+    pub fn confirmed_counter(&self) -> Arc<AtomicU64> {
+        self.confirmed.clone()
+    }
+
+    /// Publishes not yet confirmed to the client (waiting for their batch or the disk).
+    pub fn unconfirmed(&self) -> u64 {
+        let published = self.published.load(Ordering::Relaxed);
+        published.saturating_sub(self.confirmed.load(Ordering::Relaxed))
     }
 
     fn has_global_credit(&self) -> bool {

@@ -187,6 +187,16 @@ fn peer_host(c: &ConnectionInfo) -> Value {
     json!(c.peer.map(|p| p.ip().to_string()))
 }
 
+/// `connection_details` of a channel or consumer. Clients (rabbitmqadmin v2) require a host
+/// string and a port number here, so an in-process connection reports `""` and port 0.
+fn connection_details(c: &ConnectionInfo) -> Value {
+    json!({
+        "name": c.name,
+        "peer_host": c.peer.map(|p| p.ip().to_string()).unwrap_or_default(),
+        "peer_port": c.peer.map_or(0, |p| p.port()),
+    })
+}
+
 pub fn connection_json(m: &Mgmt, c: &ConnectionInfo) -> Value {
     use std::sync::atomic::Ordering::Relaxed;
     let (recv, send) = m.rates.octets(c.id);
@@ -235,9 +245,11 @@ fn channels_json(m: &Mgmt, user: &AuthUser) -> Vec<Value> {
                 "vhost": c.vhost,
                 "user": c.user,
                 "state": "running",
-                "connection_details": {"name": c.name, "peer_host": peer_host(&c), "peer_port": c.peer.map(|p| p.port())},
+                "connection_details": connection_details(&c),
                 "consumer_count": ch.consumers().len(),
                 "messages_unacknowledged": ch.unacked_count(),
+                "confirm": ch.confirm_mode(),
+                "messages_unconfirmed": ch.unconfirmed(),
                 "global_prefetch_count": ch.global_prefetch(),
                 "prefetch_count": ch.global_prefetch(),
             }));
@@ -252,12 +264,13 @@ fn consumers_json(m: &Mgmt, v: &VHost) -> Vec<Value> {
         for c in q.consumers() {
             let conn = m.broker.stats.connection(c.channel.connection);
             let details = conn.as_ref().map(|k| {
+                let peer = connection_details(k);
                 json!({
                     "name": channel_name(k, c.channel.id),
                     "number": c.channel.id,
                     "connection_name": k.name,
-                    "peer_host": peer_host(k),
-                    "peer_port": k.peer.map(|p| p.port()),
+                    "peer_host": peer["peer_host"],
+                    "peer_port": peer["peer_port"],
                     "user": k.user,
                     "node": m.node,
                 })
@@ -273,6 +286,8 @@ fn consumers_json(m: &Mgmt, v: &VHost) -> Vec<Value> {
                 "active": true,
                 "activity_status": "up",
                 "priority": c.priority,
+                // mqic has no default consumer timeout: 0 here means none applies.
+                "consumer_timeout": q.args.consumer_timeout.unwrap_or(0),
             }));
         }
     }

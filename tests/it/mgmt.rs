@@ -790,12 +790,42 @@ async fn connections_channels_and_consumers_are_listed_and_a_connection_can_be_c
         "mqic's own connection"
     );
     let name = mine["name"].as_str().unwrap().to_string();
+    // A second channel in confirm mode: its confirms are counted as they go out.
+    let pc = conn.create_channel().await.unwrap();
+    pc.confirm_select(Default::default()).await.unwrap();
+    for _ in 0..3 {
+        pc.basic_publish(
+            "".into(),
+            "watched".into(),
+            Default::default(),
+            b"x",
+            Default::default(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    }
     let chans = guest(&app, "GET", "/api/channels", None).await.json;
-    assert!(chans
+    let mine_chans: Vec<&Value> = chans
         .as_array()
         .unwrap()
         .iter()
-        .any(|c| c["connection_details"]["name"] == name.as_str() && c["consumer_count"] == 1));
+        .filter(|c| c["connection_details"]["name"] == name.as_str())
+        .collect();
+    let consuming = mine_chans.iter().find(|c| c["consumer_count"] == 1);
+    let consuming = consuming.unwrap_or_else(|| panic!("{chans}"));
+    assert_eq!(consuming["confirm"], false);
+    let confirming = mine_chans.iter().find(|c| c["confirm"] == true);
+    let confirming = confirming.unwrap_or_else(|| panic!("{chans}"));
+    assert_eq!(confirming["messages_unconfirmed"], 0, "{chans}");
+    assert!(
+        consuming["connection_details"]["peer_port"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
+    pc.close(200, "done".into()).await.unwrap();
     let consumers = guest(&app, "GET", "/api/consumers/%2F", None).await.json;
     let c = consumers
         .as_array()
@@ -1272,6 +1302,9 @@ fn rabbitmqadmin_v2_shows_lists_declares_publishes_and_gets_against_mqic_serve()
     assert!(got.contains("hello from rabbitmqadmin v2"), "{got}");
     admin(&["purge", "queue", "--name", "from-admin2"]);
     assert!(admin(&["list", "connections"]).contains("in-process"));
+    // mqic's own workers consume over in-process channels.
+    assert!(admin(&["list", "channels"]).contains("in-process"));
+    assert!(admin(&["list", "consumers"]).contains("conductor_queue"));
     assert!(admin(&["list", "users"]).contains("administrator"));
     assert!(admin(&["list", "nodes"]).contains("mqic@"));
     assert!(admin(&["list", "permissions"]).contains("guest"));
