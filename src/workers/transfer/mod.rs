@@ -158,13 +158,20 @@ pub trait TransferBackend: Send + Sync + 'static {
     }
 
     /// Copies `src` on the direction's source side to a fresh `temp` on its destination side,
-    /// flushed to disk; the parent directory exists. Returns the bytes written.
+    /// flushed to disk here or by [`TransferBackend::settle`]; the parent directory exists.
+    /// Returns the bytes written.
     fn copy_to_temp(
         &self,
         direction: Direction,
         src: PathBuf,
         temp: PathBuf,
     ) -> BoxFuture<'_, io::Result<u64>>;
+
+    /// Makes everything written under `root` durable; called once after the last file of a
+    /// transfer is in place, before it is reported done.
+    fn settle(&self, _side: Side, _root: PathBuf) -> BoxFuture<'_, io::Result<()>> {
+        Box::pin(async { Ok(()) })
+    }
 
     /// Atomically renames `from` to `to`, replacing what `to` was.
     fn rename(&self, side: Side, from: PathBuf, to: PathBuf) -> BoxFuture<'_, io::Result<()>>;
@@ -416,6 +423,10 @@ impl TransferWorker {
                 mismatches.first().map(String::as_str).unwrap_or("")
             )));
         }
+        backend
+            .settle(dst_side, dst.clone())
+            .await
+            .map_err(|e| TransferFailure::io("cannot sync", &dst, e))?;
         Ok(TransferDone {
             step: req.step.clone(),
             files,
@@ -675,17 +686,12 @@ async fn verify_batch(
         }
     };
     let mut out = Vec::with_capacity(batch.len());
+    // The matching copies are renamed at once (one round trip each on a remote side).
+    let mut renames = JoinSet::new();
     for ((i, temp, dst, source), copy) in batch.iter().cloned().zip(written) {
         if copy == Some(source) {
-            if let Err(e) = backend.rename(side, temp, dst.clone()).await {
-                let rest = batch
-                    .iter()
-                    .map(|b| b.0)
-                    .filter(|j| !out.iter().any(|(k, _)| k == j))
-                    .collect();
-                return Err((rest, TransferFailure::io("cannot rename to", &dst, e)));
-            }
-            out.push((i, Verdict::Placed(source.size)));
+            let b = backend.clone();
+            renames.spawn(async move { (i, dst.clone(), source, b.rename(side, temp, dst).await) });
         } else {
             let copy = copy.map_or("missing".into(), |w| {
                 format!("{} ({} bytes)", w.hex(), w.size)
@@ -701,6 +707,26 @@ async fn verify_batch(
                 )),
             ));
         }
+    }
+    let mut failed = None;
+    while let Some(done) = renames.join_next().await {
+        match done {
+            Ok((i, _, source, Ok(()))) => out.push((i, Verdict::Placed(source.size))),
+            Ok((_, dst, _, Err(e))) => {
+                failed.get_or_insert(TransferFailure::io("cannot rename to", &dst, e));
+            }
+            Err(e) => {
+                failed.get_or_insert(TransferFailure::Io(format!("rename task: {e}")));
+            }
+        }
+    }
+    if let Some(f) = failed {
+        let rest = batch
+            .iter()
+            .map(|b| b.0)
+            .filter(|j| !out.iter().any(|(k, _)| k == j))
+            .collect();
+        return Err((rest, f));
     }
     Ok(out)
 }
