@@ -7,9 +7,12 @@
 //! key is read once at start and never logged; a key file that group or others can read is
 //! reported with a warning.
 //!
-//! [`SshHost::exec`] is the small building block other parts call (the transfer worker hashes
-//! files with it, the remote runner starts and polls steps with it, GPU monitoring can run
-//! `nvidia-smi` with it): it returns the exit status, stdout and stderr of one command.
+//! [`SshHost::exec`] is the small building block other parts call (GPU monitoring runs
+//! `nvidia-smi` with it): it returns the exit status, stdout and stderr of one command on its
+//! own channel. [`SshHost::run`] gives the same answer through a `/bin/sh` kept open on the
+//! session (the transfer worker hashes files with it, the remote runner starts, polls and
+//! signals steps with it): sshd starts every exec through the user's login shell, which may
+//! read a `.bashrc` that takes a quarter of a second, once per command.
 
 use std::fmt;
 use std::os::unix::fs::PermissionsExt;
@@ -742,6 +745,27 @@ impl SshHost {
         drop(permit);
         tracing::debug!(host = %self.target.name, error = %failure, "helper shell failed; running the command on its own channel");
         self.exec_with_input(command, input).await
+    }
+
+    /// Starts a helper shell in the background when none is idle, so the next
+    /// [`SshHost::run`] does not wait for a login shell.
+    pub fn prewarm(self: &Arc<Self>) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            let Ok(_permit) = me.helper_permits.try_acquire() else {
+                return;
+            };
+            let Ok(live) = me.session().await else { return };
+            if !live.helpers.lock().is_empty() {
+                return;
+            }
+            match Helper::start(&live.handle).await {
+                Ok(h) => live.helpers.lock().push(h),
+                Err(e) => {
+                    tracing::debug!(host = %me.target.name, error = %e, "helper shell did not start")
+                }
+            }
+        });
     }
 
     /// The host's SFTP session (opened on the shared SSH session on first use, reopened after

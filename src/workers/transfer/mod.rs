@@ -362,8 +362,13 @@ impl TransferWorker {
         let rels: Vec<PathBuf> = tree.files.into_iter().map(|f| f.rel).collect();
         let srcs: Vec<PathBuf> = rels.iter().map(|r| src.join(r)).collect();
         let dsts: Vec<PathBuf> = rels.iter().map(|r| dst.join(r)).collect();
-        let mut sources = source_digests(backend.as_ref(), src_side, &srcs).await?;
-        let existing = hash_all(backend.as_ref(), dst_side, &dsts).await?;
+        let (sources, existing) = tokio::join!(
+            source_digests(backend.as_ref(), src_side, &srcs),
+            existing_sizes(backend.as_ref(), dst_side, &dst, &rels),
+        );
+        let mut sources = sources?;
+        let existing =
+            existing_digests(backend.as_ref(), dst_side, &dsts, &sources, existing?).await?;
         let mut pending = Vec::new();
         let (mut bytes, mut skipped) = (0u64, 0u64);
         for (i, (source, there)) in sources.iter().zip(&existing).enumerate() {
@@ -496,6 +501,42 @@ async fn hash_all(
         )));
     }
     Ok(digests)
+}
+
+/// The size of each of `rels` that is a regular file under `root`, from one listing.
+async fn existing_sizes(
+    backend: &dyn TransferBackend,
+    side: Side,
+    root: &Path,
+    rels: &[PathBuf],
+) -> Result<Vec<Option<u64>>, TransferFailure> {
+    let tree = backend
+        .list(side, root.to_path_buf())
+        .await
+        .map_err(|e| TransferFailure::io("cannot list", root, e))?;
+    let there: HashMap<PathBuf, u64> = tree.files.into_iter().map(|f| (f.rel, f.size)).collect();
+    Ok(rels.iter().map(|r| there.get(r).copied()).collect())
+}
+
+/// The digests of the destination files that may already be complete: only those there
+/// with the source's size are hashed (a fresh destination costs no hashing at all).
+async fn existing_digests(
+    backend: &dyn TransferBackend,
+    side: Side,
+    dsts: &[PathBuf],
+    sources: &[FileDigest],
+    sizes: Vec<Option<u64>>,
+) -> Result<Vec<Option<FileDigest>>, TransferFailure> {
+    let candidates: Vec<usize> = (0..dsts.len())
+        .filter(|&i| sizes[i] == Some(sources[i].size))
+        .collect();
+    let paths: Vec<PathBuf> = candidates.iter().map(|&i| dsts[i].clone()).collect();
+    let digests = hash_all(backend, side, &paths).await?;
+    let mut out = vec![None; dsts.len()];
+    for (i, d) in candidates.into_iter().zip(digests) {
+        out[i] = d;
+    }
+    Ok(out)
 }
 
 /// [`hash_all`] of source files: each must be there.
