@@ -350,8 +350,11 @@ impl Helper {
                 shell_quote(&String::from_utf8_lossy(input))
             )
         };
+        // Through `eval` of one quoted word: whatever the command holds (even a syntax
+        // error), the helper's own framing stays intact.
+        let quoted = shell_quote(command);
         let framed = format!(
-            "{feed}( {command}\n) {stdin} 2>\"$MQIC_ERR\"; printf '\\n%s %s\\n' {m} \"$?\"; \
+            "{feed}( eval {quoted} ) {stdin} 2>\"$MQIC_ERR\"; printf '\\n%s %s\\n' {m} \"$?\"; \
              head -c 65536 \"$MQIC_ERR\"; printf '\\n%s\\n' {m}\n"
         );
         self.send(framed.as_bytes()).await?;

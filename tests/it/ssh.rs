@@ -152,6 +152,38 @@ async fn exec_reports_exit_codes_stderr_and_large_output_on_one_session() {
 }
 
 #[tokio::test]
+async fn quick_commands_keep_status_stdout_stderr_and_input_and_survive_bad_syntax() {
+    let Some(sshd) =
+        sshd("quick_commands_keep_status_stdout_stderr_and_input_and_survive_bad_syntax")
+    else {
+        return;
+    };
+    let host = host(&sshd);
+    let out = host
+        .run("printf 'no newline'; echo oops >&2; exit 3", &[])
+        .await
+        .unwrap();
+    assert_eq!(out.status, Some(3));
+    assert_eq!(out.stdout, b"no newline");
+    assert_eq!(out.stderr_lossy(), "oops\n");
+    // A syntax error is the command's failure, not the helper's end.
+    let out = host.run("echo 'unbalanced", &[]).await.unwrap();
+    assert_ne!(out.status, Some(0));
+    let out = host.run("cat; exit", b"line 1\n$(x) 'q'").await.unwrap();
+    assert_eq!(out.status, Some(0));
+    assert_eq!(out.stdout, b"line 1\n$(x) 'q'");
+    // Several at once share the helpers; variables do not leak between commands.
+    let (a, b, c) = tokio::join!(
+        host.run("x=1; echo ${x}a", &[]),
+        host.run("echo ${x}b", &[]),
+        host.run("sleep 0.2; echo c", &[]),
+    );
+    assert_eq!(a.unwrap().stdout, b"1a\n");
+    assert_eq!(b.unwrap().stdout, b"b\n");
+    assert_eq!(c.unwrap().stdout, b"c\n");
+}
+
+#[tokio::test]
 async fn the_session_reconnects_after_it_dropped() {
     let Some(sshd) = sshd("the_session_reconnects_after_it_dropped") else {
         return;

@@ -24,7 +24,7 @@ use crate::hpc::ssh::{SshError, SshHost};
 
 /// A walk stops past this many entries (as [`LocalBackend`]'s does).
 const MAX_TREE_ENTRIES: usize = 1_000_000;
-/// Paths per `sha256sum` command: well under any command-line limit.
+/// Paths per hash command: well under any command-line limit.
 const HASH_BATCH: usize = 128;
 /// Hash commands run at once on the server (it has more than one core).
 const HASH_COMMANDS: usize = 4;
