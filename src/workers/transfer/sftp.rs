@@ -1,7 +1,9 @@
 //! [`SftpBackend`]: the transfer backend of an `ssh` host. [`Side::Local`] is this machine
 //! ([`LocalBackend`]); [`Side::Remote`] is the server, reached over the host's one SSH
-//! session: files and directories through SFTP, hashes through `sha256sum` run on the server
-//! (a whole batch in one command), never by reading the files back.
+//! session: files and directories through SFTP, hashes through `openssl dgst` or `sha256sum`
+//! run on the server (a whole batch in one command, on a helper shell kept open, see
+//! [`SshHost::run`]), never by reading the files back. Downloads are flushed per file and
+//! synced once per transfer (`syncfs`) before it is reported done.
 //!
 //! Writes on the server go to a fresh `<name>.mqic-part` opened with `O_CREAT|O_EXCL` (so a
 //! planted symlink cannot redirect them) and are shut down (flushed, closed, checked) before
