@@ -35,8 +35,18 @@ const REQUEST: &str = "request.json";
 const STARTED: &str = "started";
 /// Where attempts live under a host's work root.
 pub const REMOTE_ATTEMPTS: &str = ".mqic-attempts";
-/// How often a handle polls the host.
+/// How often a handle polls the host once a step has run a while.
 const POLL: Duration = Duration::from_millis(500);
+/// The first pause between polls; doubled after each poll up to [`POLL`], so a short step
+/// is seen to end within tens of milliseconds.
+const FIRST_POLL: Duration = Duration::from_millis(25);
+/// A poll that has not answered in this time counts as the host being unreachable.
+const POLL_TIMEOUT: Duration = Duration::from_secs(30);
+/// After a timeout that fired while the host was unreachable, the group is killed once the
+/// host answers again, trying this long at most.
+const LATE_KILL_FOR: Duration = Duration::from_secs(3600);
+/// How often that late kill is tried.
+const LATE_KILL_EVERY: Duration = Duration::from_secs(5);
 /// At most this much new output is fetched per poll.
 const READ_PER_POLL: u64 = 4 << 20;
 /// When attaching to a running attempt, this much of the existing log is read.
@@ -174,7 +184,7 @@ impl RemoteRunner {
             let command = start_command(&remote, request.workdir.as_deref());
             let out = host
                 .ssh
-                .exec_with_input(&command, script.as_bytes())
+                .run(&command, script.as_bytes())
                 .await
                 .map_err(remote_err)?;
             let text = out.stdout_lossy();
@@ -206,8 +216,15 @@ impl RemoteRunner {
                 .await
                 .unwrap_or_else(|_| SystemTime::now())
         };
+        let local_log = {
+            let dir = dir.clone();
+            tokio::task::spawn_blocking(move || LocalLog::open(&dir))
+                .await
+                .map_err(|e| LocalError::Spawn(format!("blocking task failed: {e}")))?
+        };
         let mut handle = RemoteHandle {
             ssh: host.ssh.clone(),
+            local_log,
             step: request.step.clone(),
             remote,
             pid,
@@ -252,7 +269,7 @@ impl RemoteRunner {
              if [ -n \"$pid\" ] && [ ! -e \"$d/exit\" ] && kill -TERM \"-$pid\" 2>/dev/null; \
              then echo signalled; else echo idle; fi"
         );
-        let out = h.ssh.exec(&command).await.map_err(remote_err)?;
+        let out = h.ssh.run(&command, &[]).await.map_err(remote_err)?;
         Ok(out.stdout_lossy().trim() == "signalled")
     }
 
@@ -301,8 +318,8 @@ fn start_command(remote: &str, workdir: Option<&str>) -> String {
          if mkdir -- \"$d\" 2>/dev/null; then \
            cat > \"$d/run.sh\" || exit 1; \
            (cd \"$d\" && exec setsid sh \"$d/run.sh\") < /dev/null >> \"$d/output.log\" 2>&1 & \
-           i=0; while [ ! -s \"$d/pid\" ] && [ ! -e \"$d/exit\" ] && [ $i -lt 100 ]; do \
-             sleep 0.05; i=$((i+1)); done; \
+           i=0; while [ ! -s \"$d/pid\" ] && [ ! -e \"$d/exit\" ] && [ $i -lt 500 ]; do \
+             sleep 0.01; i=$((i+1)); done; \
            echo \"started $(cat \"$d/pid\" 2>/dev/null)\"; \
          else cat > /dev/null; echo exists; fi",
         d = shell_quote(remote)
@@ -413,6 +430,8 @@ enum Ending {
 /// A started or attached remote attempt; [`RemoteHandle::wait`] follows it to its end.
 pub struct RemoteHandle {
     ssh: Arc<SshHost>,
+    /// The attempt's `output.log` here, which the dashboard's live tail reads.
+    local_log: Option<LocalLog>,
     step: StepRef,
     remote: String,
     pid: Option<u32>,
@@ -462,7 +481,17 @@ impl RemoteHandle {
     }
 
     async fn poll_state(&self, offset: Option<u64>) -> Result<State, SshError> {
-        let out = self.ssh.exec(&poll_command(&self.remote, offset)).await?;
+        let command = poll_command(&self.remote, offset);
+        let out = match tokio::time::timeout(POLL_TIMEOUT, self.ssh.run(&command, &[])).await {
+            Ok(out) => out?,
+            Err(_) => {
+                return Err(SshError::Unreachable {
+                    host: self.ssh.name().to_string(),
+                    target: self.ssh.target().describe(),
+                    detail: format!("no answer to a poll within {POLL_TIMEOUT:?}"),
+                })
+            }
+        };
         parse_state(&out.stdout).ok_or_else(|| SshError::Channel {
             host: self.ssh.name().to_string(),
             detail: format!(
@@ -483,7 +512,7 @@ impl RemoteHandle {
             "d={d}; {mark}kill -{signal} -{pid} 2>/dev/null; true",
             d = shell_quote(&self.remote)
         );
-        if let Err(e) = self.ssh.exec(&command).await {
+        if let Err(e) = self.ssh.run(&command, &[]).await {
             tracing::warn!(attempt = %label(&self.step), error = %e, "cannot signal the step");
         }
     }
@@ -494,6 +523,7 @@ impl RemoteHandle {
     /// Dropping the future stops watching; the remote process keeps running.
     pub async fn wait(mut self, mut progress: impl FnMut(Progress)) -> Outcome {
         let emit = !self.finished;
+        let mut pause = FIRST_POLL;
         loop {
             let state = match self.poll_state(Some(self.offset)).await {
                 Ok(s) => {
@@ -501,11 +531,38 @@ impl RemoteHandle {
                     s
                 }
                 Err(e) if e.is_retryable() => {
-                    let since = *self.first.get_or_insert_with(SystemTime::now);
-                    if since.elapsed().unwrap_or_default() < POLL * 2 {
+                    let now = SystemTime::now();
+                    let since = *self.first.get_or_insert(now);
+                    if since == now {
                         tracing::warn!(attempt = %label(&self.step), error = %e, "cannot poll the step; retrying");
                     }
-                    tokio::time::sleep(POLL * 4).await;
+                    // The timeout holds while the host is away: the step is reported timed
+                    // out now, and its group is killed once the host answers again.
+                    let overdue = match self.ending {
+                        None => self.deadline.is_some_and(|d| now >= d),
+                        Some(Ending::TimedOut(t) | Ending::Cancelled(t)) => {
+                            now.duration_since(t).unwrap_or_default() >= self.kill_grace * 2
+                        }
+                    };
+                    if overdue {
+                        tracing::warn!(attempt = %label(&self.step), error = %e,
+                            "step timed out while its host is unreachable; it will be killed once the host answers");
+                        self.late_kill();
+                        self.output.finish();
+                        let tail = format!(
+                            "{}\nmqic: timed out while the host was unreachable: {e}",
+                            self.output.tail()
+                        );
+                        return match self.ending {
+                            Some(Ending::Cancelled(_)) => Outcome::Cancelled { tail },
+                            _ => Outcome::TimedOut { tail },
+                        };
+                    }
+                    let mut wait = POLL * 4;
+                    if let (Some(d), None) = (self.deadline, self.ending) {
+                        wait = wait.min(d.duration_since(now).unwrap_or_default().max(FIRST_POLL));
+                    }
+                    tokio::time::sleep(wait).await;
                     continue;
                 }
                 Err(e) => {
@@ -516,6 +573,9 @@ impl RemoteHandle {
             };
             if self.pid.is_none() {
                 self.pid = state.pid;
+            }
+            if let Some(log) = &mut self.local_log {
+                log.append(self.offset, &state.output, &self.step);
             }
             self.offset += state.output.len() as u64;
             let found = self.output.feed(&state.output);
@@ -583,9 +643,50 @@ impl RemoteHandle {
                 }
             }
             if !more {
-                tokio::time::sleep(POLL).await;
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(POLL);
             }
         }
+    }
+
+    /// Kills the attempt's process group once its host answers again (in the background,
+    /// for up to [`LATE_KILL_FOR`]): marks it timed out, sends SIGTERM, and SIGKILL after
+    /// the grace. Only while its wrapper is still the process with the recorded pid.
+    fn late_kill(&self) {
+        let (ssh, step, grace) = (self.ssh.clone(), self.step.clone(), self.kill_grace);
+        let d = shell_quote(&self.remote);
+        // SIGTERM only to the group of the wrapper still running; SIGKILL to that group
+        // after the grace (the wrapper itself may be gone by then).
+        let term = format!(
+            "d={d}; [ -e \"$d/exit\" ] && exit 0; pid=$(cat \"$d/pid\" 2>/dev/null); \
+             [ -n \"$pid\" ] || exit 0; \
+             tr '\\000' ' ' < /proc/\"$pid\"/cmdline 2>/dev/null | grep -qF \"$d/run.sh\" || exit 0; \
+             date +%s > \"$d/timed_out\"; kill -TERM -\"$pid\" 2>/dev/null; echo signalled"
+        );
+        let kill = format!(
+            "d={d}; pid=$(cat \"$d/pid\" 2>/dev/null); [ -n \"$pid\" ] && kill -KILL -\"$pid\" 2>/dev/null; true"
+        );
+        tokio::spawn(async move {
+            let give_up = tokio::time::Instant::now() + LATE_KILL_FOR;
+            while tokio::time::Instant::now() < give_up {
+                match tokio::time::timeout(POLL_TIMEOUT, ssh.run(&term, &[])).await {
+                    Ok(Ok(out)) => {
+                        if out.stdout_lossy().trim() == "signalled" {
+                            tracing::info!(attempt = %label(&step), "the host answers again; the timed-out step was signalled");
+                            tokio::time::sleep(grace).await;
+                            let _ = tokio::time::timeout(POLL_TIMEOUT, ssh.run(&kill, &[])).await;
+                        }
+                        return;
+                    }
+                    Ok(Err(e)) if !e.is_retryable() => {
+                        tracing::warn!(attempt = %label(&step), error = %e, "cannot kill the timed-out step");
+                        return;
+                    }
+                    _ => tokio::time::sleep(LATE_KILL_EVERY).await,
+                }
+            }
+            tracing::warn!(attempt = %label(&step), "the host did not come back; the timed-out step was not killed");
+        });
     }
 
     fn exited(&mut self, code: i32) -> Outcome {
@@ -616,6 +717,53 @@ impl RemoteHandle {
         }
     }
 }
+
+/// The local copy of a remote attempt's output: `output.log` in the attempt's record
+/// directory, where the local runner writes its own steps' output, so the dashboard shows the
+/// live tail of SSH steps too. It holds the remote log's bytes from its start; bytes already
+/// there (from before a restart) are not written again.
+struct LocalLog {
+    file: std::fs::File,
+    len: u64,
+}
+
+impl LocalLog {
+    /// Opens (or creates) the log; `None` (and a warning) when it cannot be.
+    fn open(dir: &Path) -> Option<LocalLog> {
+        let path = dir.join(LOCAL_OUTPUT);
+        let opened = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .and_then(|file| Ok((file.metadata()?.len(), file)));
+        match opened {
+            Ok((len, file)) => Some(LocalLog { file, len }),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot open the local copy of the step's output");
+                None
+            }
+        }
+    }
+
+    /// Appends what of `bytes` (the remote log from `offset`) lies past what is here.
+    fn append(&mut self, offset: u64, bytes: &[u8], step: &StepRef) {
+        use std::io::Write;
+        let end = offset + bytes.len() as u64;
+        if end <= self.len {
+            return;
+        }
+        let skip = self.len.saturating_sub(offset) as usize;
+        match self.file.write_all(&bytes[skip..]) {
+            Ok(()) => self.len = end,
+            Err(e) => {
+                tracing::warn!(attempt = %label(step), error = %e, "cannot write the local copy of the step's output");
+            }
+        }
+    }
+}
+
+/// The local copy's name in the attempt's record directory (as the local runner names it).
+const LOCAL_OUTPUT: &str = "output.log";
 
 /// Sends a step's output lines to the log (and so to the `mqic.logs` exchange).
 fn log_lines(step: &StepRef, bytes: &[u8]) {

@@ -7,9 +7,12 @@
 //! key is read once at start and never logged; a key file that group or others can read is
 //! reported with a warning.
 //!
-//! [`SshHost::exec`] is the small building block other parts call (the transfer worker hashes
-//! files with it, the remote runner starts and polls steps with it, GPU monitoring can run
-//! `nvidia-smi` with it): it returns the exit status, stdout and stderr of one command.
+//! [`SshHost::exec`] is the small building block other parts call (GPU monitoring runs
+//! `nvidia-smi` with it): it returns the exit status, stdout and stderr of one command on its
+//! own channel. [`SshHost::run`] gives the same answer through a `/bin/sh` kept open on the
+//! session (the transfer worker hashes files with it, the remote runner starts, polls and
+//! signals steps with it): sshd starts every exec through the user's login shell, which may
+//! read a `.bashrc` that takes a quarter of a second, once per command.
 
 use std::fmt;
 use std::os::unix::fs::PermissionsExt;
@@ -39,6 +42,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 /// Exec channels open at once per host. OpenSSH allows 10 sessions per connection
 /// (`MaxSessions`); the SFTP session takes one, and some room is left.
 pub const MAX_EXEC_CHANNELS: usize = 6;
+/// Shells kept open per session for [`SshHost::run`]; with the exec channels and the SFTP
+/// session that makes OpenSSH's 10.
+const MAX_HELPERS: usize = 3;
 /// [`SshHost::exec`] keeps at most this much of stdout and of stderr.
 pub const MAX_EXEC_OUTPUT: usize = 64 << 20;
 
@@ -266,10 +272,141 @@ impl client::Handler for Checker {
     }
 }
 
-/// A live session: the russh handle and, once asked for, its SFTP session.
+/// A live session: the russh handle and, once asked for, its SFTP session and helper shells.
 struct Live {
     handle: client::Handle<Checker>,
     sftp: tokio::sync::OnceCell<Arc<SftpSession>>,
+    /// Idle helper shells of this session (see [`SshHost::run`]).
+    helpers: Mutex<Vec<Helper>>,
+}
+
+/// A `/bin/sh` kept running on one channel, reading commands from it. Each command runs in
+/// a subshell with stdin from `/dev/null` (or the given input) and stderr to a temporary
+/// file; after it, the shell prints a marker line with the exit status, the stderr, and the
+/// marker again. The marker holds 128 random bits, so no output can fake it.
+struct Helper {
+    channel: Option<russh::Channel<client::Msg>>,
+    marker: String,
+}
+
+impl Drop for Helper {
+    fn drop(&mut self) {
+        // A helper dropped mid-command is in an unknown state: its channel is closed.
+        if let (Some(ch), Ok(rt)) = (self.channel.take(), tokio::runtime::Handle::try_current()) {
+            rt.spawn(async move {
+                let _ = ch.close().await;
+            });
+        }
+    }
+}
+
+/// The most a helper command may print before the helper is given up.
+const MAX_HELPER_OUTPUT: usize = 16 << 20;
+
+impl Helper {
+    async fn start(handle: &client::Handle<Checker>) -> Result<Helper, String> {
+        let channel = handle
+            .channel_open_session()
+            .await
+            .map_err(|e| format!("cannot open a channel: {e}"))?;
+        channel
+            .exec(true, "exec /bin/sh")
+            .await
+            .map_err(|e| format!("exec failed: {e}"))?;
+        let marker = format!("mqic-{:032x}", rand::random::<u128>());
+        let mut helper = Helper {
+            channel: Some(channel),
+            marker,
+        };
+        let setup = "MQIC_ERR=$(mktemp) || exit 1; trap 'rm -f \"$MQIC_ERR\"' EXIT\n";
+        helper.send(setup.as_bytes()).await?;
+        let out = helper.run("true", &[]).await?;
+        if out.status != Some(0) {
+            return Err("the helper shell did not start".into());
+        }
+        Ok(helper)
+    }
+
+    async fn send(&self, bytes: &[u8]) -> Result<(), String> {
+        let ch = self.channel.as_ref().ok_or("the helper is closed")?;
+        ch.data(bytes)
+            .await
+            .map_err(|e| format!("cannot write to the helper: {e}"))
+    }
+
+    async fn run(&mut self, command: &str, input: &[u8]) -> Result<ExecOutput, String> {
+        use crate::conductor::template::shell_quote;
+        let m = self.marker.clone();
+        let stdin = if input.is_empty() {
+            "</dev/null".to_string()
+        } else {
+            String::new()
+        };
+        let feed = if input.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "printf '%s' {} | ",
+                shell_quote(&String::from_utf8_lossy(input))
+            )
+        };
+        // Through `eval` of one quoted word: whatever the command holds (even a syntax
+        // error), the helper's own framing stays intact.
+        let quoted = shell_quote(command);
+        let framed = format!(
+            "{feed}( eval {quoted} ) {stdin} 2>\"$MQIC_ERR\"; printf '\\n%s %s\\n' {m} \"$?\"; \
+             head -c 65536 \"$MQIC_ERR\"; printf '\\n%s\\n' {m}\n"
+        );
+        self.send(framed.as_bytes()).await?;
+        let status_mark = format!("\n{m} ").into_bytes();
+        let end_mark = format!("\n{m}\n").into_bytes();
+        let mut buf: Vec<u8> = Vec::new();
+        let mut scanned = 0usize;
+        let ch = self.channel.as_mut().ok_or("the helper is closed")?;
+        loop {
+            // The status line, then stderr up to the closing marker.
+            if let Some(at) = find(&buf, &status_mark, scanned) {
+                let rest = &buf[at + status_mark.len()..];
+                if let Some(nl) = rest.iter().position(|&b| b == b'\n') {
+                    if let Some(end) = find(rest, &end_mark, nl) {
+                        let status = std::str::from_utf8(&rest[..nl])
+                            .ok()
+                            .and_then(|s| s.trim().parse::<u32>().ok());
+                        return Ok(ExecOutput {
+                            status,
+                            signal: None,
+                            stderr: rest[nl + 1..end].to_vec(),
+                            stdout: buf[..at].to_vec(),
+                            truncated: false,
+                        });
+                    }
+                }
+            } else {
+                scanned = buf.len().saturating_sub(status_mark.len());
+            }
+            if buf.len() > MAX_HELPER_OUTPUT {
+                return Err("the helper printed too much".into());
+            }
+            match ch.wait().await {
+                Some(ChannelMsg::Data { data }) => buf.extend_from_slice(&data),
+                Some(ChannelMsg::ExtendedData { .. }) => {}
+                Some(ChannelMsg::ExitStatus { .. } | ChannelMsg::Eof | ChannelMsg::Close)
+                | None => return Err("the helper shell ended".into()),
+                Some(_) => {}
+            }
+        }
+    }
+}
+
+/// Where `needle` first occurs in `hay` at or after `from`.
+fn find(hay: &[u8], needle: &[u8], from: usize) -> Option<usize> {
+    if from >= hay.len() {
+        return None;
+    }
+    hay[from..]
+        .windows(needle.len())
+        .position(|w| w == needle)
+        .map(|p| p + from)
 }
 
 /// One configured SSH server. Cheap to share (`Arc`); every call reuses the one session.
@@ -280,6 +417,8 @@ pub struct SshHost {
     live: tokio::sync::Mutex<Option<Arc<Live>>>,
     /// Limits exec channels to [`MAX_EXEC_CHANNELS`].
     channels: tokio::sync::Semaphore,
+    /// Limits helper shells to [`MAX_HELPERS`].
+    helper_permits: tokio::sync::Semaphore,
 }
 
 impl fmt::Debug for SshHost {
@@ -330,6 +469,7 @@ impl SshHost {
             key: Arc::new(key),
             live: tokio::sync::Mutex::new(None),
             channels: tokio::sync::Semaphore::new(MAX_EXEC_CHANNELS),
+            helper_permits: tokio::sync::Semaphore::new(MAX_HELPERS),
         })
     }
 
@@ -491,6 +631,7 @@ impl SshHost {
         Ok(Live {
             handle,
             sftp: tokio::sync::OnceCell::new(),
+            helpers: Mutex::new(Vec::new()),
         })
     }
 
@@ -575,6 +716,59 @@ impl SshHost {
             }
         }
         Ok(out)
+    }
+
+    /// [`SshHost::exec_with_input`] through a shell kept open on the session: the same
+    /// answer without a new channel and a new login shell per command (a login shell that
+    /// reads a heavy `.bashrc` can take a quarter of a second to start). For the short,
+    /// idempotent commands of the transfer worker and the remote runner; their output is
+    /// bounded. A helper that fails is dropped and the command runs as a plain exec.
+    pub async fn run(&self, command: &str, input: &[u8]) -> Result<ExecOutput, SshError> {
+        let permit = self
+            .helper_permits
+            .acquire()
+            .await
+            .expect("the semaphore is never closed");
+        let live = self.session().await?;
+        let idle = live.helpers.lock().pop();
+        let helper = match idle {
+            Some(h) => Ok(h),
+            None => Helper::start(&live.handle).await,
+        };
+        let failure = match helper {
+            Ok(mut h) => match h.run(command, input).await {
+                Ok(out) => {
+                    live.helpers.lock().push(h);
+                    return Ok(out);
+                }
+                Err(e) => e,
+            },
+            Err(e) => e,
+        };
+        drop(permit);
+        tracing::debug!(host = %self.target.name, error = %failure, "helper shell failed; running the command on its own channel");
+        self.exec_with_input(command, input).await
+    }
+
+    /// Starts a helper shell in the background when none is idle, so the next
+    /// [`SshHost::run`] does not wait for a login shell.
+    pub fn prewarm(self: &Arc<Self>) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            let Ok(_permit) = me.helper_permits.try_acquire() else {
+                return;
+            };
+            let Ok(live) = me.session().await else { return };
+            if !live.helpers.lock().is_empty() {
+                return;
+            }
+            match Helper::start(&live.handle).await {
+                Ok(h) => live.helpers.lock().push(h),
+                Err(e) => {
+                    tracing::debug!(host = %me.target.name, error = %e, "helper shell did not start")
+                }
+            }
+        });
     }
 
     /// The host's SFTP session (opened on the shared SSH session on first use, reopened after

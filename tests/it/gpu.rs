@@ -83,11 +83,10 @@ impl Drop for Serve {
 
 fn serve(dir: &Path, bin: &Path, ledger: &Path) -> Serve {
     let data = dir.join("data");
-    let config = dir.join("mqic.toml");
     let ledger = mqic::conductor::template::shell_quote(&ledger.display().to_string());
-    std::fs::write(
-        &config,
-        format!(
+    serve_config(
+        dir,
+        &format!(
             r#"
 data_dir = "{data}"
 [log]
@@ -115,8 +114,14 @@ command = "echo {{case_id}} {{gpu_id}} >> {ledger}"
 "#,
             data = data.display(),
         ),
+        bin,
     )
-    .unwrap();
+}
+
+/// `mqic serve` with `config` and `bin` first on its PATH; killed on drop.
+fn serve_config(dir: &Path, config_text: &str, bin: &Path) -> Serve {
+    let config = dir.join("mqic.toml");
+    std::fs::write(&config, config_text).unwrap();
     let path = format!(
         "{}:{}",
         bin.display(),
@@ -393,4 +398,134 @@ async fn without_any_gpu_monitoring_configured_gpus_are_leased_as_before() {
         .iter()
         .all(|g| g["monitored"] == false && g["leasable"].is_boolean()));
     server.stop().await;
+}
+
+fn gpu_on<'a>(gpus: &'a Value, host: &str, index: u64) -> &'a Value {
+    gpus.as_array()
+        .and_then(|a| a.iter().find(|g| g["host"] == host && g["index"] == index))
+        .unwrap_or(&Value::Null)
+}
+
+/// The same fake, on the SSH host: the curator runs it through the host's session (the
+/// sshd serves this machine, so the script's path in the test's temp dir is the server's),
+/// and the conductor leases only the SSH host's GPU that is idle and roomy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fake_nvidia_smi_on_the_ssh_host_drives_the_curator_and_the_gpu_choice() {
+    let test = "gpu::a_fake_nvidia_smi_on_the_ssh_host_drives_the_curator_and_the_gpu_choice";
+    if !have_program(test, "bash") {
+        return;
+    }
+    let Some(sshd) = crate::ssh::sshd(test) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let dir = std::fs::canonicalize(dir.path()).unwrap();
+    let (bin, state, ledger) = (dir.join("bin"), dir.join("state"), dir.join("ledger"));
+    let remote = dir.join("gpu-work");
+    std::fs::create_dir_all(&state).unwrap();
+    std::fs::create_dir_all(&remote).unwrap();
+    write_fake_smi(&bin, &state);
+    // GPU 0 runs someone's python, GPU 1 has 1559 MiB free (2000 needed), GPU 2 is idle.
+    set_state(
+        &state,
+        &[(0, 900), (1, 80_000), (2, 4)],
+        &[(0, 4242, "python")],
+    );
+    let host = sshd.host_config("gpu", &remote, vec![0, 1, 2]);
+    let q = |p: &Path| mqic::conductor::template::shell_quote(&p.display().to_string());
+    let config = format!(
+        r#"
+data_dir = "{data}"
+[log]
+level = "info"
+[amqp]
+listen = "127.0.0.1:0"
+[conductor]
+default_workflow = "gpu"
+[archiver]
+interval_secs = 0
+[curator]
+interval_ms = 150
+timeout_ms = 5000
+nvml = false
+nvidia_smi = "{smi}"
+[[hosts]]
+name = "local"
+[[hosts]]
+name = "gpu"
+kind = "ssh"
+address = "127.0.0.1"
+port = {port}
+user = {user:?}
+key_file = {key:?}
+known_hosts = {kh:?}
+work_root = {remote:?}
+gpus = [0, 1, 2]
+min_free_memory_mib = 2000
+[[workflows.gpu.steps]]
+name = "upload"
+kind = "upload"
+host = "gpu"
+timeout_secs = 60
+[[workflows.gpu.steps]]
+name = "simulate"
+kind = "execute"
+host = "gpu"
+gpu = true
+timeout_secs = 60
+command = "echo {{case_id}} {{gpu_id}} >> {ledger}"
+"#,
+        data = dir.join("data").display(),
+        smi = bin.join("nvidia-smi").display(),
+        port = host.port,
+        user = host.user,
+        key = host.key_file.display().to_string(),
+        kh = host.known_hosts.display().to_string(),
+        remote = remote.display().to_string(),
+        ledger = q(&ledger),
+    );
+    // Nothing on mqic's own PATH: the fake is reached only through the SSH host.
+    let serve = serve_config(&dir, &config, &dir.join("no-bin"));
+    let mut rpc = Rpc::connect(&serve.url).await;
+
+    let gpus = wait_for(
+        &mut rpc,
+        &serve,
+        "list_gpus",
+        json!({}),
+        "a first sample of every GPU of the SSH host",
+        |g| (0..3).all(|i| gpu_on(g, "gpu", i)["status"] == "ok"),
+    )
+    .await;
+    let g0 = gpu_on(&gpus, "gpu", 0);
+    assert_eq!(g0["uuid"], "GPU-0000");
+    assert_eq!(g0["foreign_processes"], 1);
+    assert_eq!(g0["processes"][0]["pid"], 4242);
+    assert_eq!(g0["leasable"], false);
+    let g1 = gpu_on(&gpus, "gpu", 1);
+    assert_eq!(g1["leasable"], false);
+    assert_eq!(g1["not_leasable_because"], "1559 MiB free, 2000 MiB needed");
+    assert_eq!(gpu_on(&gpus, "gpu", 2)["leasable"], true);
+
+    // A case skips the occupied GPU 0 and the full GPU 1 and runs on GPU 2 of the host.
+    let scan = dir.join("data").join("cases");
+    let first = CaseSpec::tiny(1);
+    write_case(&scan.join(&first.patient_id), &first).unwrap();
+    let id1 = first.patient_id.clone();
+    wait_for(
+        &mut rpc,
+        &serve,
+        "get_case",
+        json!({"case_id": id1}),
+        "the case to complete on the SSH host",
+        |c| case_status(c) == "COMPLETED",
+    )
+    .await;
+    assert_eq!(ledger_lines(&ledger), [format!("{id1} 2")]);
+    // The step ran on the host: its attempt directory is under the host's work root.
+    assert!(remote
+        .join(".mqic-attempts")
+        .join(&id1)
+        .join("simulate/1/exit")
+        .is_file());
 }

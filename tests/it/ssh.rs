@@ -152,6 +152,38 @@ async fn exec_reports_exit_codes_stderr_and_large_output_on_one_session() {
 }
 
 #[tokio::test]
+async fn quick_commands_keep_status_stdout_stderr_and_input_and_survive_bad_syntax() {
+    let Some(sshd) =
+        sshd("quick_commands_keep_status_stdout_stderr_and_input_and_survive_bad_syntax")
+    else {
+        return;
+    };
+    let host = host(&sshd);
+    let out = host
+        .run("printf 'no newline'; echo oops >&2; exit 3", &[])
+        .await
+        .unwrap();
+    assert_eq!(out.status, Some(3));
+    assert_eq!(out.stdout, b"no newline");
+    assert_eq!(out.stderr_lossy(), "oops\n");
+    // A syntax error is the command's failure, not the helper's end.
+    let out = host.run("echo 'unbalanced", &[]).await.unwrap();
+    assert_ne!(out.status, Some(0));
+    let out = host.run("cat; exit", b"line 1\n$(x) 'q'").await.unwrap();
+    assert_eq!(out.status, Some(0));
+    assert_eq!(out.stdout, b"line 1\n$(x) 'q'");
+    // Several at once share the helpers; variables do not leak between commands.
+    let (a, b, c) = tokio::join!(
+        host.run("x=1; echo ${x}a", &[]),
+        host.run("echo ${x}b", &[]),
+        host.run("sleep 0.2; echo c", &[]),
+    );
+    assert_eq!(a.unwrap().stdout, b"1a\n");
+    assert_eq!(b.unwrap().stdout, b"b\n");
+    assert_eq!(c.unwrap().stdout, b"c\n");
+}
+
+#[tokio::test]
 async fn the_session_reconnects_after_it_dropped() {
     let Some(sshd) = sshd("the_session_reconnects_after_it_dropped") else {
         return;
@@ -762,6 +794,13 @@ async fn a_new_runner_reattaches_to_a_running_remote_step_instead_of_starting_it
     assert!(matches!(outcome, Outcome::Succeeded { .. }), "{outcome:?}");
     assert_eq!(seen.last(), Some(&1.0));
     assert_eq!(std::fs::read_to_string(&ledger).unwrap(), "run\n");
+    // The local copy of the output holds each line once across the restart.
+    let local_log = r.root.join("case-9/simulate/1/output.log");
+    assert_eq!(
+        std::fs::read_to_string(&local_log).unwrap(),
+        std::fs::read_to_string(r.work.join(".mqic-attempts/case-9/simulate/1/output.log"))
+            .unwrap()
+    );
 
     // Finished now: attaching again collects the exit, runs nothing.
     let later = runner(&sshd, &r);
@@ -770,6 +809,120 @@ async fn a_new_runner_reattaches_to_a_running_remote_step_instead_of_starting_it
     let again = within("finished", handle.wait(|_| {})).await;
     assert!(matches!(again, Outcome::Succeeded { .. }), "{again:?}");
     assert_eq!(std::fs::read_to_string(&ledger).unwrap(), "run\n");
+}
+
+#[tokio::test]
+async fn a_remote_steps_output_streams_into_the_local_attempt_log() {
+    let Some(sshd) = sshd("a_remote_steps_output_streams_into_the_local_attempt_log") else {
+        return;
+    };
+    let r = remote_fixture();
+    let runner = runner(&sshd, &r);
+    let go = r.work.join("go");
+    let req = exec_request(
+        1,
+        &format!(
+            "echo 'first line'; echo 'to stderr' >&2; \
+             i=0; while [ ! -e {g} ] && [ $i -lt 1200 ]; do sleep 0.05; i=$((i+1)); done; \
+             echo 'last line'",
+            g = shell_quote(&go.display().to_string()),
+        ),
+    );
+    let handle = runner.start_or_attach(&req).await.unwrap();
+    let waiter = tokio::spawn(handle.wait(|_| {}));
+    // Where the dashboard's live tail reads the local runner's steps.
+    let local_log = r.root.join("case-9/simulate/1/output.log");
+    let read = || std::fs::read_to_string(&local_log).unwrap_or_default();
+    poll_until(
+        "the first lines in the local log while the step runs",
+        || read().contains("first line") && read().contains("to stderr"),
+    )
+    .await;
+    assert!(!read().contains("last line"));
+    std::fs::write(&go, "").unwrap();
+    let outcome = within("wait", waiter).await.unwrap();
+    assert!(matches!(outcome, Outcome::Succeeded { .. }), "{outcome:?}");
+    let remote_log =
+        std::fs::read_to_string(r.work.join(".mqic-attempts/case-9/simulate/1/output.log"))
+            .unwrap();
+    assert_eq!(read(), remote_log);
+    assert_eq!(read().matches("first line").count(), 1);
+    assert!(read().ends_with("last line\n"), "{}", read());
+}
+
+#[tokio::test]
+async fn an_unreachable_host_at_start_is_a_retryable_failure() {
+    let Some(sshd) = sshd("an_unreachable_host_at_start_is_a_retryable_failure") else {
+        return;
+    };
+    let r = remote_fixture();
+    let mut target = sshd.target("gpu1");
+    // A port nobody listens on.
+    target.port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let host = Arc::new(SshHost::new(target).unwrap());
+    let runner = RemoteRunner::new(&r.root, vec![("gpu1".into(), host, r.work.clone())], 4096);
+    let err = within("start", runner.start_or_attach(&exec_request(1, "true")))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, mqic::hpc::local::LocalError::Remote { retryable: true, ref detail } if detail.contains("unreachable")),
+        "{err:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_step_times_out_while_its_host_is_away_and_is_killed_when_it_returns() {
+    let Some(mut sshd) =
+        sshd("a_step_times_out_while_its_host_is_away_and_is_killed_when_it_returns")
+    else {
+        return;
+    };
+    let r = remote_fixture();
+    let host = Arc::new(SshHost::new(sshd.target("gpu1")).unwrap());
+    let runner = RemoteRunner::new(
+        &r.root,
+        vec![("gpu1".into(), host.clone(), r.work.clone())],
+        4096,
+    )
+    .with_kill_grace(std::time::Duration::from_millis(500));
+    let gc = r.work.join("grandchild.pid");
+    let mut req = exec_request(
+        1,
+        &format!(
+            "sleep 300 & echo $! > {}; echo started; wait",
+            shell_quote(&gc.display().to_string())
+        ),
+    );
+    req.timeout_secs = 3;
+    let handle = runner.start_or_attach(&req).await.unwrap();
+    let waiter = tokio::spawn(handle.wait(|_| {}));
+    poll_until("the step started", || read_pid_file(&gc).is_some()).await;
+    let gc_pid = read_pid_file(&gc).unwrap();
+    // The server goes away: no listener, and the open session is closed.
+    sshd.stop();
+    host.disconnect().await;
+    let outcome = within("the timeout while the host is away", waiter)
+        .await
+        .unwrap();
+    assert!(
+        matches!(outcome, Outcome::TimedOut { ref tail } if tail.contains("unreachable")),
+        "{outcome:?}"
+    );
+    assert!(!process_gone(gc_pid), "nothing could reach the host yet");
+    // Back again: the group is killed and the attempt marked timed out on the host.
+    sshd.restart();
+    poll_until("the step's group killed once the host is back", || {
+        process_gone(gc_pid)
+    })
+    .await;
+    assert!(r
+        .work
+        .join(".mqic-attempts/case-9/simulate/1/timed_out")
+        .exists());
 }
 
 // ---- The whole pipeline on the sshd host -------------------------------------------------

@@ -27,6 +27,7 @@ pub struct Sshd {
     /// The user tests log in as (whoever runs them).
     pub user: String,
     pub log: PathBuf,
+    config: PathBuf,
 }
 
 fn keygen(path: &Path) {
@@ -146,12 +147,52 @@ impl Sshd {
                 known_hosts,
                 user,
                 log,
+                config,
             };
         }
         panic!(
             "sshd did not start; its log: {}",
             std::fs::read_to_string(&log).unwrap_or_default()
         );
+    }
+
+    /// Stops the listening server (sessions already open keep their own processes).
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts the server again on the same port and keys, after [`Sshd::stop`].
+    pub fn restart(&mut self) {
+        let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            let mut child = Command::new(SSHD)
+                .arg("-D")
+                .arg("-e")
+                .arg("-f")
+                .arg(&self.config)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(&self.log).unwrap())
+                .spawn()
+                .expect("sshd starts");
+            let up_by = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < up_by {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+                    self.child = child;
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        panic!("sshd did not start again on port {}", self.port);
     }
 
     /// The target of this server as `name`, with its known_hosts file.

@@ -158,13 +158,20 @@ pub trait TransferBackend: Send + Sync + 'static {
     }
 
     /// Copies `src` on the direction's source side to a fresh `temp` on its destination side,
-    /// flushed to disk; the parent directory exists. Returns the bytes written.
+    /// flushed to disk here or by [`TransferBackend::settle`]; the parent directory exists.
+    /// Returns the bytes written.
     fn copy_to_temp(
         &self,
         direction: Direction,
         src: PathBuf,
         temp: PathBuf,
     ) -> BoxFuture<'_, io::Result<u64>>;
+
+    /// Makes everything written under `root` durable; called once after the last file of a
+    /// transfer is in place, before it is reported done.
+    fn settle(&self, _side: Side, _root: PathBuf) -> BoxFuture<'_, io::Result<()>> {
+        Box::pin(async { Ok(()) })
+    }
 
     /// Atomically renames `from` to `to`, replacing what `to` was.
     fn rename(&self, side: Side, from: PathBuf, to: PathBuf) -> BoxFuture<'_, io::Result<()>>;
@@ -355,8 +362,13 @@ impl TransferWorker {
         let rels: Vec<PathBuf> = tree.files.into_iter().map(|f| f.rel).collect();
         let srcs: Vec<PathBuf> = rels.iter().map(|r| src.join(r)).collect();
         let dsts: Vec<PathBuf> = rels.iter().map(|r| dst.join(r)).collect();
-        let mut sources = source_digests(backend.as_ref(), src_side, &srcs).await?;
-        let existing = hash_all(backend.as_ref(), dst_side, &dsts).await?;
+        let (sources, existing) = tokio::join!(
+            source_digests(backend.as_ref(), src_side, &srcs),
+            existing_sizes(backend.as_ref(), dst_side, &dst, &rels),
+        );
+        let mut sources = sources?;
+        let existing =
+            existing_digests(backend.as_ref(), dst_side, &dsts, &sources, existing?).await?;
         let mut pending = Vec::new();
         let (mut bytes, mut skipped, mut copied_bytes) = (0u64, 0u64, 0u64);
         for (i, (source, there)) in sources.iter().zip(&existing).enumerate() {
@@ -417,6 +429,10 @@ impl TransferWorker {
                 mismatches.first().map(String::as_str).unwrap_or("")
             )));
         }
+        backend
+            .settle(dst_side, dst.clone())
+            .await
+            .map_err(|e| TransferFailure::io("cannot sync", &dst, e))?;
         Ok(TransferDone {
             step: req.step.clone(),
             files,
@@ -487,6 +503,42 @@ async fn hash_all(
         )));
     }
     Ok(digests)
+}
+
+/// The size of each of `rels` that is a regular file under `root`, from one listing.
+async fn existing_sizes(
+    backend: &dyn TransferBackend,
+    side: Side,
+    root: &Path,
+    rels: &[PathBuf],
+) -> Result<Vec<Option<u64>>, TransferFailure> {
+    let tree = backend
+        .list(side, root.to_path_buf())
+        .await
+        .map_err(|e| TransferFailure::io("cannot list", root, e))?;
+    let there: HashMap<PathBuf, u64> = tree.files.into_iter().map(|f| (f.rel, f.size)).collect();
+    Ok(rels.iter().map(|r| there.get(r).copied()).collect())
+}
+
+/// The digests of the destination files that may already be complete: only those there
+/// with the source's size are hashed (a fresh destination costs no hashing at all).
+async fn existing_digests(
+    backend: &dyn TransferBackend,
+    side: Side,
+    dsts: &[PathBuf],
+    sources: &[FileDigest],
+    sizes: Vec<Option<u64>>,
+) -> Result<Vec<Option<FileDigest>>, TransferFailure> {
+    let candidates: Vec<usize> = (0..dsts.len())
+        .filter(|&i| sizes[i] == Some(sources[i].size))
+        .collect();
+    let paths: Vec<PathBuf> = candidates.iter().map(|&i| dsts[i].clone()).collect();
+    let digests = hash_all(backend, side, &paths).await?;
+    let mut out = vec![None; dsts.len()];
+    for (i, d) in candidates.into_iter().zip(digests) {
+        out[i] = d;
+    }
+    Ok(out)
 }
 
 /// [`hash_all`] of source files: each must be there.
@@ -677,17 +729,12 @@ async fn verify_batch(
         }
     };
     let mut out = Vec::with_capacity(batch.len());
+    // The matching copies are renamed at once (one round trip each on a remote side).
+    let mut renames = JoinSet::new();
     for ((i, temp, dst, source), copy) in batch.iter().cloned().zip(written) {
         if copy == Some(source) {
-            if let Err(e) = backend.rename(side, temp, dst.clone()).await {
-                let rest = batch
-                    .iter()
-                    .map(|b| b.0)
-                    .filter(|j| !out.iter().any(|(k, _)| k == j))
-                    .collect();
-                return Err((rest, TransferFailure::io("cannot rename to", &dst, e)));
-            }
-            out.push((i, Verdict::Placed(source.size)));
+            let b = backend.clone();
+            renames.spawn(async move { (i, dst.clone(), source, b.rename(side, temp, dst).await) });
         } else {
             let copy = copy.map_or("missing".into(), |w| {
                 format!("{} ({} bytes)", w.hex(), w.size)
@@ -703,6 +750,26 @@ async fn verify_batch(
                 )),
             ));
         }
+    }
+    let mut failed = None;
+    while let Some(done) = renames.join_next().await {
+        match done {
+            Ok((i, _, source, Ok(()))) => out.push((i, Verdict::Placed(source.size))),
+            Ok((_, dst, _, Err(e))) => {
+                failed.get_or_insert(TransferFailure::io("cannot rename to", &dst, e));
+            }
+            Err(e) => {
+                failed.get_or_insert(TransferFailure::Io(format!("rename task: {e}")));
+            }
+        }
+    }
+    if let Some(f) = failed {
+        let rest = batch
+            .iter()
+            .map(|b| b.0)
+            .filter(|j| !out.iter().any(|(k, _)| k == j))
+            .collect();
+        return Err((rest, f));
     }
     Ok(out)
 }

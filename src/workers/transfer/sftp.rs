@@ -1,7 +1,9 @@
 //! [`SftpBackend`]: the transfer backend of an `ssh` host. [`Side::Local`] is this machine
 //! ([`LocalBackend`]); [`Side::Remote`] is the server, reached over the host's one SSH
-//! session: files and directories through SFTP, hashes through `sha256sum` run on the server
-//! (a whole batch in one command), never by reading the files back.
+//! session: files and directories through SFTP, hashes through `openssl dgst` or `sha256sum`
+//! run on the server (a whole batch in one command, on a helper shell kept open, see
+//! [`SshHost::run`]), never by reading the files back. Downloads are flushed per file and
+//! synced once per transfer (`syncfs`) before it is reported done.
 //!
 //! Writes on the server go to a fresh `<name>.mqic-part` opened with `O_CREAT|O_EXCL` (so a
 //! planted symlink cannot redirect them) and are shut down (flushed, closed, checked) before
@@ -24,7 +26,7 @@ use crate::hpc::ssh::{SshError, SshHost};
 
 /// A walk stops past this many entries (as [`LocalBackend`]'s does).
 const MAX_TREE_ENTRIES: usize = 1_000_000;
-/// Paths per `sha256sum` command: well under any command-line limit.
+/// Paths per hash command: well under any command-line limit.
 const HASH_BATCH: usize = 128;
 /// Hash commands run at once on the server (it has more than one core).
 const HASH_COMMANDS: usize = 4;
@@ -92,6 +94,11 @@ fn remote_str(path: &Path) -> io::Result<String> {
 /// arguments that are regular files (not symlinks), then one size per such file, then
 /// `sha256sum`'s line per such file, in argument order. `sha256sum` escapes odd names (a
 /// leading `\`), so each file is one line and the hash is the first 64 hex digits after it.
+///
+/// `openssl dgst -r` prints the same lines several times faster (it uses the CPU's SHA
+/// instructions; coreutils' `sha256sum` does not), so it is used where the server has it. It
+/// does not escape names: its answer is taken only when it has exactly one line per file
+/// (no name holds a newline before the last), otherwise `sha256sum` hashes the batch.
 const HASH_SCRIPT: &str = r#"n=$#; i=0; idx=""
 for f do
   i=$((i+1))
@@ -101,7 +108,12 @@ shift "$n"
 echo "files:$idx"
 [ "$#" -eq 0 ] && exit 0
 stat -c %s -- "$@" || exit 3
-sha256sum -b -- "$@" || exit 4
+if command -v openssl >/dev/null 2>&1 && out=$(openssl dgst -sha256 -r -- "$@" 2>/dev/null) \
+   && [ "$(printf '%s\n' "$out" | wc -l)" -eq "$#" ]; then
+  printf '%s\n' "$out"
+else
+  sha256sum -b -- "$@" || exit 4
+fi
 "#;
 
 /// Parses [`HASH_SCRIPT`]'s output for `count` arguments.
@@ -158,7 +170,7 @@ impl SftpBackend {
             command.push(' ');
             command.push_str(&shell_quote(&remote_str(p)?));
         }
-        let out = self.host.exec(&command).await.map_err(ssh_io)?;
+        let out = self.host.run(&command, &[]).await.map_err(ssh_io)?;
         if !out.success() {
             return Err(io::Error::other(format!(
                 "hashing on {} failed (status {:?}): {}",
@@ -267,22 +279,29 @@ impl SftpBackend {
             .map_err(|e| io::Error::other(format!("blocking task failed: {e}")))??;
             tokio::fs::File::from_std(f)
         };
-        match sftp.remove_file(temp_s.clone()).await {
-            Ok(()) => {}
-            Err(e) => {
-                let e = sftp_io(&temp_s, e);
-                if e.kind() != ErrorKind::NotFound {
-                    return Err(e);
+        let flags = OpenFlags::CREATE | OpenFlags::EXCLUDE | OpenFlags::WRITE;
+        // A leftover temporary (or anything else in its place) makes the exclusive open
+        // fail; it is removed and the open tried once more. Only then, so the usual case
+        // costs one round trip.
+        let mut output = match sftp.open_with_flags(temp_s.clone(), flags).await {
+            Ok(f) => f,
+            Err(first) => {
+                match sftp.remove_file(temp_s.clone()).await {
+                    Ok(()) => {}
+                    Err(e) => {
+                        let e = sftp_io(&temp_s, e);
+                        if e.kind() != ErrorKind::NotFound {
+                            return Err(e);
+                        }
+                        // Nothing was in the way: the first failure is the answer.
+                        return Err(sftp_io(&temp_s, first));
+                    }
                 }
+                sftp.open_with_flags(temp_s.clone(), flags)
+                    .await
+                    .map_err(|e| sftp_io(&temp_s, e))?
             }
-        }
-        let mut output = sftp
-            .open_with_flags(
-                temp_s.clone(),
-                OpenFlags::CREATE | OpenFlags::EXCLUDE | OpenFlags::WRITE,
-            )
-            .await
-            .map_err(|e| sftp_io(&temp_s, e))?;
+        };
         let mut buf = vec![0u8; COPY_BUFFER];
         let mut written = 0u64;
         loop {
@@ -331,9 +350,33 @@ impl SftpBackend {
             output.write_all(&buf[..n]).await?;
             written += n as u64;
         }
-        output.sync_all().await?;
+        // Flushed here, synced to disk by `settle` once for the whole tree (an fsync per
+        // file costs milliseconds each; a crash before `settle` leaves a transfer that was
+        // never reported done, and its retry hashes every file again).
+        output.flush().await?;
+        {
+            // Start writing it out now, so the final `settle` finds little left to do.
+            use std::os::fd::AsRawFd;
+            // SAFETY: the descriptor is open for the call; the call only starts writeback.
+            unsafe { libc::sync_file_range(output.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE) };
+        }
         let _ = input.shutdown().await;
         Ok(written)
+    }
+
+    /// Syncs the filesystem holding `root` to disk (one `syncfs`, not an fsync per file).
+    async fn settle_local(&self, root: PathBuf) -> io::Result<()> {
+        tokio::task::spawn_blocking(move || {
+            use std::os::fd::AsRawFd;
+            let dir = std::fs::File::open(&root)?;
+            // SAFETY: `dir` is an open descriptor for the duration of the call.
+            if unsafe { libc::syncfs(dir.as_raw_fd()) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| io::Error::other(format!("blocking task failed: {e}")))?
     }
 
     async fn rename_remote(&self, from: PathBuf, to: PathBuf) -> io::Result<()> {
@@ -414,6 +457,9 @@ impl SftpBackend {
     }
 
     async fn resolve_remote(&self, path: PathBuf) -> io::Result<PathBuf> {
+        // The first remote call of a transfer: a helper shell starts meanwhile, for the
+        // hashing to come.
+        self.host.prewarm();
         let sftp = self.host.sftp().await.map_err(ssh_io)?;
         let mut missing = Vec::new();
         let mut at = path.as_path();
@@ -496,6 +542,14 @@ impl TransferBackend for SftpBackend {
         match side {
             Side::Local => LocalBackend.rename(side, from, to),
             Side::Remote => Box::pin(self.rename_remote(from, to)),
+        }
+    }
+
+    fn settle(&self, side: Side, root: PathBuf) -> BoxFuture<'_, io::Result<()>> {
+        match side {
+            Side::Local => Box::pin(self.settle_local(root)),
+            // OpenSSH's sftp-server has written every file through `close`.
+            Side::Remote => Box::pin(async { Ok(()) }),
         }
     }
 
