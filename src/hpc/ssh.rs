@@ -824,7 +824,9 @@ impl crate::gpu::CommandRunner for SshHost {
                 .map(|a| crate::conductor::template::shell_quote(a))
                 .collect::<Vec<_>>()
                 .join(" ");
-            match tokio::time::timeout(timeout, self.exec(&command)).await {
+            // Through a helper shell: no login shell per sample (a heavy `.bashrc` costs
+            // hundreds of ms per exec), and a query is safe to run twice on a fallback.
+            match tokio::time::timeout(timeout, self.run(&command, &[])).await {
                 Err(_) => Err(RunError::TimedOut {
                     program,
                     after: timeout,
