@@ -16,7 +16,8 @@
 //!
 //! With `MQIC_BENCH_RABBITMQ_URL` set, the same loads run against that broker in the same
 //! run and the ratios are printed (`MQIC_BENCH_RABBITMQ_PID` adds its RSS). `MQIC_BENCH_SECS`
-//! sets the throughput window (default 10 s).
+//! sets the throughput window (default 10 s); `MQIC_BENCH_ONLY` (a comma list of `transient`,
+//! `persistent`, `recovery`) runs only those parts.
 
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -56,18 +57,35 @@ fn main() {
         .build()
         .unwrap();
 
+    // `MQIC_BENCH_ONLY=persistent,recovery` runs only the named parts (transient, persistent,
+    // recovery); all of them by default.
+    let only = std::env::var("MQIC_BENCH_ONLY").ok();
+    let runs = |part: &str| {
+        only.as_deref()
+            .is_none_or(|o| o.split(',').any(|p| p == part))
+    };
+
     let (mut child, url, start_ms, dir) = start_mqic();
     std::thread::sleep(Duration::from_secs(1));
     let idle_rss = rss_kib(child.id());
     println!("mqic start to accepting AMQP: {start_ms:.1} ms");
     println!("mqic idle RSS: {:.1} MB", idle_rss as f64 / 1024.0);
 
-    let mqic = rt.block_on(measure(&url, secs));
-    print_figures("mqic", &mqic);
-    let mqic_persistent = rt.block_on(persistent_confirms(&url, secs, 1));
-    print_persistent("mqic", mqic_persistent, 1);
-    let mqic_persistent2 = rt.block_on(persistent_confirms(&url, secs, 2));
-    print_persistent("mqic", mqic_persistent2, 2);
+    let mqic = runs("transient").then(|| rt.block_on(measure(&url, secs)));
+    if let Some(f) = &mqic {
+        print_figures("mqic", f);
+    }
+    let mqic_persistent = runs("persistent").then(|| {
+        let one = rt.block_on(persistent_confirms(&url, secs, 1));
+        print_persistent("mqic", one, 1);
+        let two = rt.block_on(persistent_confirms(&url, secs, 2));
+        print_persistent("mqic", two, 2);
+        let ceiling = rt.block_on(confirms(&url, secs, 1, false));
+        println!(
+            "mqic confirmed throughput of the same load (1 publisher) to a transient queue, no disk: {ceiling:.0} msg/s (the client's ceiling)"
+        );
+        (one, two)
+    });
     let _ = Command::new("kill").arg(child.id().to_string()).status();
     let _ = child.wait();
     drop(dir);
@@ -76,7 +94,9 @@ fn main() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(1_000_000);
-    recovery(&rt, count);
+    if runs("recovery") {
+        recovery(&rt, count);
+    }
 
     if let Ok(rabbit_url) = std::env::var("MQIC_BENCH_RABBITMQ_URL") {
         if let Ok(pid) = std::env::var("MQIC_BENCH_RABBITMQ_PID") {
@@ -92,31 +112,35 @@ fn main() {
                 );
             }
         }
-        let rabbit = rt.block_on(measure(&rabbit_url, secs));
-        print_figures("RabbitMQ", &rabbit);
-        let rabbit_persistent = rt.block_on(persistent_confirms(&rabbit_url, secs, 1));
-        print_persistent("RabbitMQ", rabbit_persistent, 1);
-        let rabbit_persistent2 = rt.block_on(persistent_confirms(&rabbit_url, secs, 2));
-        print_persistent("RabbitMQ", rabbit_persistent2, 2);
-        println!(
-            "ratio persistent confirmed throughput mqic/RabbitMQ: 1 publisher {:.2}x, 2 publishers {:.2}x (target >= 3x)",
-            mqic_persistent / rabbit_persistent,
-            mqic_persistent2 / rabbit_persistent2
-        );
-        println!(
-            "ratio transient throughput mqic/RabbitMQ: {:.2}x (target >= 4x)",
-            mqic.consumed / rabbit.consumed
-        );
-        println!(
-            "ratio latency (lapin) p50 mqic/RabbitMQ: {:.2}, p99: {:.2} (target p99 <= 0.25)",
-            mqic.p50_ms / rabbit.p50_ms,
-            mqic.p99_ms / rabbit.p99_ms
-        );
-        println!(
-            "ratio latency (amqprs) p50 mqic/RabbitMQ: {:.2}, p99: {:.2} (target p99 <= 0.25)",
-            mqic.amqprs_p50_ms / rabbit.amqprs_p50_ms,
-            mqic.amqprs_p99_ms / rabbit.amqprs_p99_ms
-        );
+        if let Some((one, two)) = mqic_persistent {
+            let rabbit_one = rt.block_on(persistent_confirms(&rabbit_url, secs, 1));
+            print_persistent("RabbitMQ", rabbit_one, 1);
+            let rabbit_two = rt.block_on(persistent_confirms(&rabbit_url, secs, 2));
+            print_persistent("RabbitMQ", rabbit_two, 2);
+            println!(
+                "ratio persistent confirmed throughput mqic/RabbitMQ: 1 publisher {:.2}x, 2 publishers {:.2}x (target >= 3x)",
+                one / rabbit_one,
+                two / rabbit_two
+            );
+        }
+        if let Some(mqic) = &mqic {
+            let rabbit = rt.block_on(measure(&rabbit_url, secs));
+            print_figures("RabbitMQ", &rabbit);
+            println!(
+                "ratio transient throughput mqic/RabbitMQ: {:.2}x (target >= 4x)",
+                mqic.consumed / rabbit.consumed
+            );
+            println!(
+                "ratio latency (lapin) p50 mqic/RabbitMQ: {:.2}, p99: {:.2} (target p99 <= 0.25)",
+                mqic.p50_ms / rabbit.p50_ms,
+                mqic.p99_ms / rabbit.p99_ms
+            );
+            println!(
+                "ratio latency (amqprs) p50 mqic/RabbitMQ: {:.2}, p99: {:.2} (target p99 <= 0.25)",
+                mqic.amqprs_p50_ms / rabbit.amqprs_p50_ms,
+                mqic.amqprs_p99_ms / rabbit.amqprs_p99_ms
+            );
+        }
     }
     println!("targets: idle RSS <= 13 MB, start to accepting <= 50 ms, RSS with 1M persistent messages queued <= 150 MB");
 }
@@ -172,10 +196,14 @@ async fn publish_confirmed(
 }
 
 async fn declare_durable(ch: &lapin::Channel, queue: &str) -> u32 {
+    declare(ch, queue, true).await
+}
+
+async fn declare(ch: &lapin::Channel, queue: &str, durable: bool) -> u32 {
     ch.queue_declare(
         queue.into(),
         QueueDeclareOptions {
-            durable: true,
+            durable,
             ..Default::default()
         },
         FieldTable::default(),
@@ -188,10 +216,16 @@ async fn declare_durable(ch: &lapin::Channel, queue: &str) -> u32 {
 /// Confirmed persistent messages per second over `secs` (after 1 s of warm-up), from
 /// `publishers` publishers on their own connections.
 async fn persistent_confirms(url: &str, secs: u64, publishers: usize) -> f64 {
+    confirms(url, secs, publishers, true).await
+}
+
+/// [`persistent_confirms`] to a durable queue, or (`durable` false) the same load to a
+/// transient queue, which confirms without the disk: what the client can do at most.
+async fn confirms(url: &str, secs: u64, publishers: usize, durable: bool) -> f64 {
     let queue = format!("bench-persistent-{}", std::process::id());
     let setup = connect(url).await;
     let ch = setup.create_channel().await.unwrap();
-    declare_durable(&ch, &queue).await;
+    declare(&ch, &queue, durable).await;
     let stop = Arc::new(AtomicBool::new(false));
     let mut tasks = Vec::new();
     let mut conns = Vec::new();
@@ -329,7 +363,11 @@ fn start_mqic_in(data: &std::path::Path) -> (Child, String, f64) {
         .args(["--web-listen", "127.0.0.1:0"])
         .arg("--data-dir")
         .arg(data)
-        .env("RUST_LOG", "warn")
+        // `MQIC_BENCH_MQIC_LOG=mqic::amqp::store=debug` shows the store writer's batches.
+        .env(
+            "RUST_LOG",
+            std::env::var("MQIC_BENCH_MQIC_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .stdout(Stdio::null())
         .spawn()
         .expect("mqic starts");

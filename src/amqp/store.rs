@@ -20,7 +20,7 @@ use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use amq_protocol::frame::WriteContext;
 use amq_protocol::types::generation::gen_field_table;
@@ -36,6 +36,13 @@ use super::queue::{Queue, QueueSpec};
 
 /// redb's page cache: small, so memory stays bounded however much the queues hold.
 const CACHE_BYTES: usize = 16 * 1024 * 1024;
+
+/// A writer under load stops lingering for more operations once this many are pending.
+const BATCH_OPS: usize = 512;
+/// The longest a writer under load lingers before committing.
+const LINGER: Duration = Duration::from_millis(2);
+/// A writer under load commits once a slice this long brings no new operation.
+const QUIET: Duration = Duration::from_micros(500);
 
 /// The schema this mqic writes. Bump it with a migration in [`migrate`] and a fixture test.
 pub const SCHEMA_VERSION: u64 = 1;
@@ -395,8 +402,9 @@ impl BrokerStore {
         let mut p = self.shared.pending.lock();
         let was_empty = p.ops.is_empty();
         p.ops.push(op);
+        let full = p.ops.len() == BATCH_OPS;
         drop(p);
-        if was_empty {
+        if was_empty || full {
             self.shared.wake.notify_one();
         }
     }
@@ -405,10 +413,12 @@ impl BrokerStore {
     pub fn submit_all(&self, ops: impl IntoIterator<Item = Op>) {
         let mut p = self.shared.pending.lock();
         let was_empty = p.ops.is_empty();
+        let before = p.ops.len();
         p.ops.extend(ops);
         let now_empty = p.ops.is_empty();
+        let filled = before < BATCH_OPS && p.ops.len() >= BATCH_OPS;
         drop(p);
-        if was_empty && !now_empty {
+        if (was_empty && !now_empty) || filled {
             self.shared.wake.notify_one();
         }
     }
@@ -507,26 +517,52 @@ fn migrate(db: &Database, path: &Path) -> Result<u64> {
 }
 
 /// The writer thread: drain, one transaction, fsync, release barriers; until closed.
+///
+/// Under load (operations arrived while the last commit ran) the writer lingers before the
+/// next commit while operations keep streaming in — at most [`LINGER`], and only while
+/// each [`QUIET`] slice brings more, or until [`BATCH_OPS`] are pending — so a busy
+/// broker makes fewer, larger commits: each fsync and b-tree commit costs CPU that the
+/// connections need on a small machine. An idle writer commits at once (a lone publisher
+/// waiting for its confirm never waits for company), and a stream that stops (a
+/// publisher's whole confirm window pending) is committed at once too.
 fn writer(db: Arc<Database>, shared: Arc<Shared>, path: PathBuf) {
     let mut ops = Vec::new();
+    let mut busy = false;
+    let mut stats = WriterStats::new();
     loop {
         let closing = {
             let mut p = shared.pending.lock();
             while p.ops.is_empty() && !p.closing {
                 shared.wake.wait(&mut p);
             }
+            if busy {
+                let deadline = Instant::now() + LINGER;
+                while p.ops.len() < BATCH_OPS && !p.closing {
+                    let (before, now) = (p.ops.len(), Instant::now());
+                    if now >= deadline {
+                        break;
+                    }
+                    let _ = shared.wake.wait_until(&mut p, deadline.min(now + QUIET));
+                    if p.ops.len() == before {
+                        break;
+                    }
+                }
+            }
             std::mem::swap(&mut p.ops, &mut ops);
             p.closing
         };
         if !ops.is_empty() {
-            let ok = match apply(&db, &ops) {
+            let t0 = Instant::now();
+            let ok = match apply(&db, &ops, &mut stats) {
                 Ok(()) => true,
                 Err(e) => {
                     tracing::error!(path = %path.display(), "broker store commit failed: {e}");
                     false
                 }
             };
+            let t1 = Instant::now();
             shared.commits.fetch_add(1, Ordering::Relaxed);
+            let batch = ops.len();
             // Paging queues may now drop the bodies of what this commit wrote.
             let mut written: Vec<(Weak<Queue>, u64)> = Vec::new();
             let mut barriers = Vec::new();
@@ -553,15 +589,81 @@ fn writer(db: Arc<Database>, shared: Arc<Shared>, path: PathBuf) {
             for f in barriers {
                 f(ok);
             }
+            stats.batch(batch, t1 - t0, t1.elapsed());
         }
-        if closing && shared.pending.lock().ops.is_empty() {
+        let p = shared.pending.lock();
+        if closing && p.ops.is_empty() {
             return;
+        }
+        busy = !p.ops.is_empty();
+    }
+}
+
+/// Per-batch timings of the writer, summed and logged once a second at debug level
+/// (`RUST_LOG=mqic::amqp::store=debug`): batches, operations per batch, time preparing
+/// the transaction, committing it (b-tree pages and the fsync) and releasing barriers.
+struct WriterStats {
+    since: Instant,
+    batches: u64,
+    ops: u64,
+    max_ops: usize,
+    last_commit: Duration,
+    apply: Duration,
+    commit: Duration,
+    release: Duration,
+}
+
+impl WriterStats {
+    fn new() -> WriterStats {
+        WriterStats {
+            since: Instant::now(),
+            batches: 0,
+            ops: 0,
+            max_ops: 0,
+            last_commit: Duration::ZERO,
+            apply: Duration::ZERO,
+            commit: Duration::ZERO,
+            release: Duration::ZERO,
+        }
+    }
+
+    fn batch(&mut self, ops: usize, apply_and_commit: Duration, release: Duration) {
+        self.batches += 1;
+        self.ops += ops as u64;
+        self.max_ops = self.max_ops.max(ops);
+        let commit = std::mem::take(&mut self.last_commit);
+        self.commit += commit;
+        self.apply += apply_and_commit.saturating_sub(commit);
+        self.release += release;
+        let elapsed = self.since.elapsed();
+        if elapsed >= Duration::from_secs(1) {
+            let n = self.batches as f64;
+            let ms = |d: Duration| d.as_secs_f64() * 1000.0 / n;
+            tracing::debug!(
+                batches = self.batches,
+                ops_per_batch = format_args!("{:.1}", self.ops as f64 / n),
+                max_ops = self.max_ops,
+                apply_ms = format_args!("{:.3}", ms(self.apply)),
+                commit_ms = format_args!("{:.3}", ms(self.commit)),
+                release_ms = format_args!("{:.3}", ms(self.release)),
+                busy_pct = format_args!(
+                    "{:.0}",
+                    (self.apply + self.commit + self.release).as_secs_f64() * 100.0
+                        / elapsed.as_secs_f64()
+                ),
+                "broker store writer, per batch over the last second"
+            );
+            *self = WriterStats::new();
         }
     }
 }
 
 /// One write transaction for a batch of operations.
-fn apply(db: &Database, ops: &[Op]) -> std::result::Result<(), redb::Error> {
+fn apply(
+    db: &Database,
+    ops: &[Op],
+    stats: &mut WriterStats,
+) -> std::result::Result<(), redb::Error> {
     // A message published and removed within the batch never needs to reach the file.
     let mut published = HashSet::new();
     let mut cancelled = HashSet::new();
@@ -669,7 +771,9 @@ fn apply(db: &Database, ops: &[Op]) -> std::result::Result<(), redb::Error> {
             }
         }
     }
+    let t = Instant::now();
     txn.commit()?;
+    stats.last_commit = t.elapsed();
     Ok(())
 }
 
