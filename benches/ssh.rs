@@ -68,6 +68,13 @@ fn request(local: &Path, remote: &Path) -> TransferRequest {
 
 #[tokio::main]
 async fn main() {
+    // `RUST_LOG=mqic=debug` prints the transfer's phase timings.
+    if std::env::var_os("RUST_LOG").is_some() {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .init();
+    }
     if let Some(why) = sshd::unavailable() {
         println!("SKIP ssh bench: {why}");
         return;

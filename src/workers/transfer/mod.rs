@@ -328,6 +328,8 @@ impl TransferWorker {
         confine_resolved(backend.as_ref(), Side::Local, &local, &self.local_roots).await?;
         confine_resolved(backend.as_ref(), Side::Remote, &remote, remote_roots).await?;
 
+        let started = std::time::Instant::now();
+        let ms = move || started.elapsed().as_millis() as u64;
         let (src_side, dst_side) = direction.sides();
         let (src, dst) = match direction {
             Direction::Upload => (local, remote),
@@ -344,6 +346,11 @@ impl TransferWorker {
             Err(e) => return Err(TransferFailure::io("cannot list", &src, e)),
         };
         log_not_copied(req, &src, &tree.not_copied);
+        tracing::debug!(
+            ms = ms(),
+            files = tree.files.len(),
+            "transfer: source listed"
+        );
 
         for dir in std::iter::once(dst.clone()).chain(tree.dirs.iter().map(|d| dst.join(d))) {
             backend
@@ -359,29 +366,38 @@ impl TransferWorker {
             bytes_done: 0,
             bytes_total: tree.files.iter().map(|f| f.size).sum(),
         };
+        let sizes_listed: Vec<u64> = tree.files.iter().map(|f| f.size).collect();
         let rels: Vec<PathBuf> = tree.files.into_iter().map(|f| f.rel).collect();
         let srcs: Vec<PathBuf> = rels.iter().map(|r| src.join(r)).collect();
         let dsts: Vec<PathBuf> = rels.iter().map(|r| dst.join(r)).collect();
-        let (sources, existing) = tokio::join!(
-            source_digests(backend.as_ref(), src_side, &srcs),
-            existing_sizes(backend.as_ref(), dst_side, &dst, &rels),
-        );
-        let mut sources = sources?;
-        let existing =
-            existing_digests(backend.as_ref(), dst_side, &dsts, &sources, existing?).await?;
+        // The source hashes are only needed to verify the copies (and to skip files already
+        // there): they are computed while the copying starts.
+        let mut sources = Sources::start(backend, src_side, &srcs);
+        let sizes = existing_sizes(backend.as_ref(), dst_side, &dst, &rels).await?;
+        // A destination file with the source's size may already be complete: then the copy
+        // waits for both sides' hashes. Otherwise every file is copied, so copying starts now.
+        let resuming = (0..rels.len()).any(|i| sizes[i] == Some(sizes_listed[i]));
         let mut pending = Vec::new();
         let (mut bytes, mut skipped, mut copied_bytes) = (0u64, 0u64, 0u64);
-        for (i, (source, there)) in sources.iter().zip(&existing).enumerate() {
-            if *there == Some(*source) {
-                skipped += 1;
-                bytes += source.size;
-                report.files_done += 1;
-                report.bytes_done += source.size;
-            } else {
-                pending.push(i);
+        if resuming {
+            let known = sources.all().await?;
+            let existing =
+                existing_digests(backend.as_ref(), dst_side, &dsts, &known, sizes).await?;
+            for (i, (source, there)) in known.iter().zip(&existing).enumerate() {
+                if *there == Some(*source) {
+                    skipped += 1;
+                    bytes += source.size;
+                    report.files_done += 1;
+                    report.bytes_done += source.size;
+                } else {
+                    pending.push(i);
+                }
             }
+        } else {
+            pending = (0..rels.len()).collect();
         }
         progress(report);
+        tracing::debug!(ms = ms(), resuming, "transfer: copying starts");
 
         let mut backoff = CHECKSUM_BACKOFF;
         let mut mismatches = Vec::new();
@@ -392,8 +408,9 @@ impl TransferWorker {
                 // Hashed again: a source still changing is one cause of a mismatch.
                 let again: Vec<PathBuf> = pending.iter().map(|&i| srcs[i].clone()).collect();
                 let digests = source_digests(backend.as_ref(), src_side, &again).await?;
+                sources.all().await?;
                 for (&i, d) in pending.iter().zip(digests) {
-                    sources[i] = d;
+                    sources.known[i] = Some(d);
                 }
             }
             let round_result = run_round(
@@ -402,11 +419,12 @@ impl TransferWorker {
                 &pending,
                 &srcs,
                 &dsts,
-                &sources,
+                &mut sources,
                 &mut report,
                 progress,
             )
             .await?;
+            tracing::debug!(ms = ms(), round, "transfer: round done");
             bytes += round_result.bytes;
             copied_bytes += round_result.bytes;
             mismatches = round_result.mismatches;
@@ -429,10 +447,14 @@ impl TransferWorker {
                 mismatches.first().map(String::as_str).unwrap_or("")
             )));
         }
+        // Every source was hashed (a failure of that hashing is the transfer's failure).
+        sources.all().await?;
+        tracing::debug!(ms = ms(), "transfer: sources hashed");
         backend
             .settle(dst_side, dst.clone())
             .await
             .map_err(|e| TransferFailure::io("cannot sync", &dst, e))?;
+        tracing::debug!(ms = ms(), "transfer: settled");
         Ok(TransferDone {
             step: req.step.clone(),
             files,
@@ -555,6 +577,70 @@ async fn source_digests(
         .collect()
 }
 
+/// Source files hashed per task while the copies run: the first copies are verified (and
+/// land) while later sources are still being hashed.
+const SOURCE_CHUNK: usize = 32;
+
+type SourceChunk = (Vec<usize>, Result<Vec<FileDigest>, TransferFailure>);
+
+/// The source files' digests, known as their chunks are hashed (the tasks stop when this is
+/// dropped).
+struct Sources {
+    known: Vec<Option<FileDigest>>,
+    hashing: JoinSet<SourceChunk>,
+}
+
+impl Sources {
+    fn start(backend: &Arc<dyn TransferBackend>, side: Side, srcs: &[PathBuf]) -> Sources {
+        let mut hashing = JoinSet::new();
+        let ids: Vec<usize> = (0..srcs.len()).collect();
+        for chunk in ids.chunks(SOURCE_CHUNK) {
+            let b = backend.clone();
+            let (chunk, paths) = (
+                chunk.to_vec(),
+                chunk.iter().map(|&i| srcs[i].clone()).collect::<Vec<_>>(),
+            );
+            hashing.spawn(async move {
+                let r = source_digests(b.as_ref(), side, &paths).await;
+                (chunk, r)
+            });
+        }
+        Sources {
+            known: vec![None; srcs.len()],
+            hashing,
+        }
+    }
+
+    fn coming(&self) -> bool {
+        !self.hashing.is_empty()
+    }
+
+    /// Waits for the next chunk of digests.
+    async fn next(&mut self) -> Result<(), TransferFailure> {
+        match self.hashing.join_next().await {
+            None => Ok(()),
+            Some(Ok((ids, r))) => {
+                for (i, d) in ids.into_iter().zip(r?) {
+                    self.known[i] = Some(d);
+                }
+                Ok(())
+            }
+            Some(Err(e)) => Err(TransferFailure::Io(format!("source hashing task: {e}"))),
+        }
+    }
+
+    /// Waits for every digest.
+    async fn all(&mut self) -> Result<Vec<FileDigest>, TransferFailure> {
+        while self.coming() {
+            self.next().await?;
+        }
+        self.known
+            .iter()
+            .map(|d| d.ok_or_else(|| TransferFailure::Io("a source was not hashed".into())))
+            .collect()
+    }
+}
+
 fn common_parent(paths: &[PathBuf]) -> &Path {
     paths
         .first()
@@ -593,7 +679,7 @@ async fn run_round(
     pending: &[usize],
     srcs: &[PathBuf],
     dsts: &[PathBuf],
-    sources: &[FileDigest],
+    sources: &mut Sources,
     report: &mut TransferProgress,
     progress: &(dyn Fn(TransferProgress) + Send + Sync),
 ) -> Result<Round, TransferFailure> {
@@ -636,23 +722,47 @@ async fn run_round(
         let copies_over = copying.is_empty() && (queue_done || failure.is_some());
         if failure.is_some() {
             leftovers.append(&mut ready);
-        } else if !ready.is_empty()
-            && (ready.len() >= VERIFY_BATCH || copies_over)
-            && verifying.len() < VERIFY_IN_FLIGHT
-        {
-            let batch: Vec<(usize, PathBuf, PathBuf, FileDigest)> = std::mem::take(&mut ready)
+        } else if verifying.len() < VERIFY_IN_FLIGHT && {
+            // A copy waits here for its source's hash when that is still coming.
+            let verifiable = ready
+                .iter()
+                .filter(|&&i| sources.known[i].is_some())
+                .count();
+            verifiable >= VERIFY_BATCH || (copies_over && verifiable > 0)
+        } {
+            let (known, waiting): (Vec<usize>, Vec<usize>) = std::mem::take(&mut ready)
                 .into_iter()
-                .map(|i| (i, temp_name(&dsts[i]), dsts[i].clone(), sources[i]))
-                .collect();
-            verifying.spawn(verify_batch(backend.clone(), dst_side, batch));
+                .partition(|&i| sources.known[i].is_some());
+            ready = waiting;
+            if !known.is_empty() {
+                let batch: Vec<(usize, PathBuf, PathBuf, FileDigest)> = known
+                    .into_iter()
+                    .filter_map(|i| {
+                        let source = sources.known[i]?;
+                        Some((i, temp_name(&dsts[i]), dsts[i].clone(), source))
+                    })
+                    .collect();
+                verifying.spawn(verify_batch(backend.clone(), dst_side, batch));
+            }
         }
+        let coming = sources.coming();
         if copying.is_empty() && verifying.is_empty() {
             if ready.is_empty() || failure.is_some() {
                 break;
             }
-            continue;
+            if !coming {
+                if ready.iter().any(|&i| sources.known[i].is_none()) {
+                    failure.get_or_insert(TransferFailure::Io("a source was not hashed".into()));
+                }
+                continue;
+            }
         }
         tokio::select! {
+            got = sources.next(), if coming => {
+                if let Err(f) = got {
+                    failure.get_or_insert(f);
+                }
+            },
             Some(done) = copying.join_next(), if !copying.is_empty() => match done {
                 Ok((i, Ok(()))) => ready.push(i),
                 Ok((i, Err(f))) => {
