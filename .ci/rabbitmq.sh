@@ -23,7 +23,9 @@ EOF
   ;;
 stop)
   if [ -f "$env_file" ]; then
-    runuser -u rabbitmq -- bash -c ". $env_file; $bin/rabbitmqctl stop \$RABBITMQ_PID_FILE" >&2 || true
+    # With a pid file named, rabbitmqctl waits for that file to appear: name it only when
+    # the node wrote one, and bound the wait either way.
+    runuser -u rabbitmq -- bash -c ". $env_file; if [ -f \$RABBITMQ_PID_FILE ]; then timeout 120 $bin/rabbitmqctl stop \$RABBITMQ_PID_FILE; else timeout 30 $bin/rabbitmqctl stop; fi" >&2 || true
     runuser -u rabbitmq -- bash -c ". $env_file; epmd -kill" >/dev/null 2>&1 || true
   fi
   ;;

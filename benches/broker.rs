@@ -8,7 +8,9 @@
 //! - time from process start to accepting AMQP connections.
 //!
 //! - persistent throughput with confirms: a durable queue, delivery_mode 2, 512 B bodies, one
-//!   publisher with a confirm window of 256; confirmed messages per second;
+//!   publisher with a confirm window of 256 (then two publishers; then one publisher with the
+//!   amqprs client, which leaves more of a small machine's CPU to the broker); confirmed
+//!   messages per second;
 //! - recovery: publish `MQIC_BENCH_DURABLE_COUNT` (default 1,000,000) persistent 512 B
 //!   messages to a durable queue, the RSS with them queued, then stop mqic (SIGTERM), start it
 //!   again on the same data dir and time until the queue reports them all ready and until the
@@ -80,11 +82,13 @@ fn main() {
         print_persistent("mqic", one, 1);
         let two = rt.block_on(persistent_confirms(&url, secs, 2));
         print_persistent("mqic", two, 2);
+        let rs = rt.block_on(persistent_confirms_amqprs(&url, secs));
+        print_persistent_amqprs("mqic", rs);
         let ceiling = rt.block_on(confirms(&url, secs, 1, false));
         println!(
             "mqic confirmed throughput of the same load (1 publisher) to a transient queue, no disk: {ceiling:.0} msg/s (the client's ceiling)"
         );
-        (one, two)
+        (one, two, rs)
     });
     let _ = Command::new("kill").arg(child.id().to_string()).status();
     let _ = child.wait();
@@ -112,15 +116,18 @@ fn main() {
                 );
             }
         }
-        if let Some((one, two)) = mqic_persistent {
+        if let Some((one, two, rs)) = mqic_persistent {
             let rabbit_one = rt.block_on(persistent_confirms(&rabbit_url, secs, 1));
             print_persistent("RabbitMQ", rabbit_one, 1);
             let rabbit_two = rt.block_on(persistent_confirms(&rabbit_url, secs, 2));
             print_persistent("RabbitMQ", rabbit_two, 2);
+            let rabbit_rs = rt.block_on(persistent_confirms_amqprs(&rabbit_url, secs));
+            print_persistent_amqprs("RabbitMQ", rabbit_rs);
             println!(
-                "ratio persistent confirmed throughput mqic/RabbitMQ: 1 publisher {:.2}x, 2 publishers {:.2}x (target >= 3x)",
+                "ratio persistent confirmed throughput mqic/RabbitMQ: 1 publisher {:.2}x, 2 publishers {:.2}x, 1 amqprs publisher {:.2}x (target >= 3x)",
                 one / rabbit_one,
-                two / rabbit_two
+                two / rabbit_two,
+                rs / rabbit_rs
             );
         }
         if let Some(mqic) = &mqic {
@@ -148,6 +155,12 @@ fn main() {
 fn print_persistent(name: &str, rate: f64, publishers: usize) {
     println!(
         "{name} persistent throughput: {rate:.0} msg/s confirmed (durable queue, delivery_mode 2, {BODY} B, {publishers} publisher(s) on their own connections, confirm window {CONFIRM_WINDOW} each)"
+    );
+}
+
+fn print_persistent_amqprs(name: &str, rate: f64) {
+    println!(
+        "{name} persistent throughput (amqprs client): {rate:.0} msg/s confirmed (durable queue, delivery_mode 2, {BODY} B, 1 publisher, confirm window {CONFIRM_WINDOW})"
     );
 }
 
@@ -697,4 +710,132 @@ async fn latency_amqprs(url: &str) -> (f64, f64) {
     let _ = conn.close().await;
     let _ = cconn.close().await;
     p50_p99(samples)
+}
+
+/// Counts amqprs's publisher confirms and gives their window permits back.
+struct RsConfirms {
+    window: Arc<tokio::sync::Semaphore>,
+    confirmed: Arc<AtomicU64>,
+    nacked: Arc<AtomicBool>,
+    last: u64,
+}
+
+impl RsConfirms {
+    fn settle(&mut self, tag: u64, multiple: bool) -> usize {
+        let n = if multiple {
+            tag.saturating_sub(self.last)
+        } else {
+            1
+        };
+        self.last = self.last.max(tag);
+        self.window.add_permits(n as usize);
+        n as usize
+    }
+}
+
+#[async_trait::async_trait]
+impl amqprs::callbacks::ChannelCallback for RsConfirms {
+    async fn close(
+        &mut self,
+        _: &amqprs::channel::Channel,
+        close: amqprs::CloseChannel,
+    ) -> Result<(), amqprs::error::Error> {
+        panic!("channel closed by the broker: {close}");
+    }
+    async fn cancel(
+        &mut self,
+        _: &amqprs::channel::Channel,
+        _: amqprs::Cancel,
+    ) -> Result<(), amqprs::error::Error> {
+        Ok(())
+    }
+    async fn flow(
+        &mut self,
+        _: &amqprs::channel::Channel,
+        active: bool,
+    ) -> Result<bool, amqprs::error::Error> {
+        Ok(active)
+    }
+    async fn publish_ack(&mut self, _: &amqprs::channel::Channel, ack: amqprs::Ack) {
+        let n = self.settle(ack.delivery_tag(), ack.mutiple());
+        self.confirmed.fetch_add(n as u64, Ordering::Relaxed);
+    }
+    async fn publish_nack(&mut self, _: &amqprs::channel::Channel, nack: amqprs::Nack) {
+        self.nacked.store(true, Ordering::Relaxed);
+        self.settle(nack.delivery_tag(), nack.multiple());
+    }
+    async fn publish_return(
+        &mut self,
+        _: &amqprs::channel::Channel,
+        _: amqprs::Return,
+        _: amqprs::BasicProperties,
+        _: Vec<u8>,
+    ) {
+    }
+}
+
+/// The persistent confirm load (durable queue, delivery_mode 2, 512 B, one publisher,
+/// window 256) driven by amqprs instead of lapin: a second client, lighter on the CPU that the
+/// client and the broker share on a small machine. Confirmed messages per second over `secs`
+/// after 1 s of warm-up.
+async fn persistent_confirms_amqprs(url: &str, secs: u64) -> f64 {
+    use amqprs::channel::{
+        BasicPublishArguments, ConfirmSelectArguments, QueueDeclareArguments, QueueDeleteArguments,
+    };
+    use amqprs::connection::{Connection as RsConnection, OpenConnectionArguments};
+    let (host, port, user, pass) = parse_url(url);
+    let args = OpenConnectionArguments::new(&host, port, &user, &pass);
+    let queue = format!("bench-persistent-rs-{}", std::process::id());
+    let conn = RsConnection::open(&args).await.unwrap();
+    let ch = conn.open_channel(None).await.unwrap();
+    ch.queue_declare(QueueDeclareArguments::durable_client_named(&queue))
+        .await
+        .unwrap();
+    let window = Arc::new(tokio::sync::Semaphore::new(CONFIRM_WINDOW));
+    let confirmed = Arc::new(AtomicU64::new(0));
+    let nacked = Arc::new(AtomicBool::new(false));
+    ch.register_callback(RsConfirms {
+        window: window.clone(),
+        confirmed: confirmed.clone(),
+        nacked: nacked.clone(),
+        last: 0,
+    })
+    .await
+    .unwrap();
+    ch.confirm_select(ConfirmSelectArguments::default())
+        .await
+        .unwrap();
+    let props = amqprs::BasicProperties::default()
+        .with_delivery_mode(2)
+        .finish();
+    let publish = BasicPublishArguments::new("", &queue);
+    let start = Instant::now();
+    let end = start + Duration::from_secs(1 + secs);
+    let mut base = None;
+    loop {
+        let now = Instant::now();
+        if now >= end {
+            break;
+        }
+        if base.is_none() && now >= start + Duration::from_secs(1) {
+            base = Some((now, confirmed.load(Ordering::Relaxed)));
+        }
+        window.acquire().await.unwrap().forget();
+        ch.basic_publish(props.clone(), vec![b'p'; BODY], publish.clone())
+            .await
+            .unwrap();
+    }
+    // Every publish confirmed before the clock stops.
+    window
+        .acquire_many(CONFIRM_WINDOW as u32)
+        .await
+        .unwrap()
+        .forget();
+    let (t0, c0) = base.expect("ran past the warm-up");
+    let rate = (confirmed.load(Ordering::Relaxed) - c0) as f64 / t0.elapsed().as_secs_f64();
+    assert!(!nacked.load(Ordering::Relaxed), "persistent publish nacked");
+    let _ = ch.queue_delete(QueueDeleteArguments::new(&queue)).await;
+    let _ = ch.close().await;
+    let _ = conn.close().await;
+    rate
 }
