@@ -391,7 +391,7 @@ impl TransferBackend for Corrupting {
     fn remove(&self, side: Side, path: PathBuf) -> BoxFuture<'_, std::io::Result<()>> {
         self.inner.remove(side, path)
     }
-    fn make_dir(&self, side: Side, path: PathBuf) -> BoxFuture<'_, std::io::Result<()>> {
+    fn make_dir(&self, side: Side, path: PathBuf) -> BoxFuture<'_, std::io::Result<bool>> {
         self.inner.make_dir(side, path)
     }
     fn resolve(&self, side: Side, path: PathBuf) -> BoxFuture<'_, std::io::Result<PathBuf>> {

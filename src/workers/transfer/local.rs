@@ -73,7 +73,7 @@ impl TransferBackend for LocalBackend {
         }))
     }
 
-    fn make_dir(&self, _side: Side, path: PathBuf) -> BoxFuture<'_, io::Result<()>> {
+    fn make_dir(&self, _side: Side, path: PathBuf) -> BoxFuture<'_, io::Result<bool>> {
         Box::pin(blocking(move || make_dir(&path)))
     }
 
@@ -215,14 +215,14 @@ fn copy_file(src: &Path, temp: &Path) -> io::Result<u64> {
 
 /// Makes sure `path` is a real directory, creating it (and missing parents) when absent.
 /// A symlink or file in its place is an error: writing through it could leave the root.
-fn make_dir(path: &Path) -> io::Result<()> {
+fn make_dir(path: &Path) -> io::Result<bool> {
     match fs::symlink_metadata(path) {
-        Ok(meta) if meta.is_dir() => Ok(()),
+        Ok(meta) if meta.is_dir() => Ok(false),
         Ok(_) => Err(io::Error::new(
             ErrorKind::NotADirectory,
             format!("{} exists and is not a directory", path.display()),
         )),
-        Err(e) if e.kind() == ErrorKind::NotFound => fs::create_dir_all(path),
+        Err(e) if e.kind() == ErrorKind::NotFound => fs::create_dir_all(path).map(|()| true),
         Err(e) => Err(e),
     }
 }
@@ -352,8 +352,8 @@ mod tests {
     fn make_dir_refuses_a_symlink_in_place_of_a_directory() {
         let dir = tempfile::tempdir().unwrap();
         let outside = tempfile::tempdir().unwrap();
-        make_dir(&dir.path().join("x/y")).unwrap();
-        make_dir(&dir.path().join("x/y")).unwrap();
+        assert!(make_dir(&dir.path().join("x/y")).unwrap(), "created");
+        assert!(!make_dir(&dir.path().join("x/y")).unwrap(), "already there");
         assert!(dir.path().join("x/y").is_dir());
         symlink(outside.path(), dir.path().join("planted")).unwrap();
         assert!(make_dir(&dir.path().join("planted")).is_err());

@@ -187,7 +187,8 @@ pub trait TransferBackend: Send + Sync + 'static {
     fn remove(&self, side: Side, path: PathBuf) -> BoxFuture<'_, io::Result<()>>;
 
     /// Makes `path` a directory (with missing parents); a symlink or file there is an error.
-    fn make_dir(&self, side: Side, path: PathBuf) -> BoxFuture<'_, io::Result<()>>;
+    /// `true` when it did not exist before (so it is empty).
+    fn make_dir(&self, side: Side, path: PathBuf) -> BoxFuture<'_, io::Result<bool>>;
 
     /// The real path: symlinks in the existing part resolved, missing components appended.
     fn resolve(&self, side: Side, path: PathBuf) -> BoxFuture<'_, io::Result<PathBuf>>;
@@ -359,11 +360,20 @@ impl TransferWorker {
             "transfer: source listed"
         );
 
-        for dir in std::iter::once(dst.clone()).chain(tree.dirs.iter().map(|d| dst.join(d))) {
-            backend
+        // A destination that did not exist holds nothing yet: no listing to look for files
+        // already there.
+        let mut fresh = false;
+        for (n, dir) in std::iter::once(dst.clone())
+            .chain(tree.dirs.iter().map(|d| dst.join(d)))
+            .enumerate()
+        {
+            let created = backend
                 .make_dir(dst_side, dir.clone())
                 .await
                 .map_err(|e| TransferFailure::io("cannot create directory", &dir, e))?;
+            if n == 0 {
+                fresh = created;
+            }
         }
 
         let files = tree.files.len() as u64;
@@ -380,7 +390,11 @@ impl TransferWorker {
         // The source hashes are only needed to verify the copies (and to skip files already
         // there): they are computed while the copying starts.
         let mut sources = Sources::start(backend, src_side, &srcs);
-        let sizes = existing_sizes(backend.as_ref(), dst_side, &dst, &rels).await?;
+        let sizes = if fresh {
+            vec![None; rels.len()]
+        } else {
+            existing_sizes(backend.as_ref(), dst_side, &dst, &rels).await?
+        };
         // A destination file with the source's size may already be complete: then the copy
         // waits for both sides' hashes. Otherwise every file is copied, so copying starts now.
         let resuming = (0..rels.len()).any(|i| sizes[i] == Some(sizes_listed[i]));
@@ -1408,7 +1422,7 @@ mod tests {
         fn remove(&self, side: Side, path: PathBuf) -> BoxFuture<'_, io::Result<()>> {
             LocalBackend.remove(side, path)
         }
-        fn make_dir(&self, side: Side, path: PathBuf) -> BoxFuture<'_, io::Result<()>> {
+        fn make_dir(&self, side: Side, path: PathBuf) -> BoxFuture<'_, io::Result<bool>> {
             LocalBackend.make_dir(side, path)
         }
         fn resolve(&self, side: Side, path: PathBuf) -> BoxFuture<'_, io::Result<PathBuf>> {

@@ -28,8 +28,12 @@ use crate::hpc::ssh::{SshError, SshHost};
 const MAX_TREE_ENTRIES: usize = 1_000_000;
 /// Paths per hash command: well under any command-line limit.
 const HASH_BATCH: usize = 128;
-/// Hash commands run at once on the server (it has more than one core).
-const HASH_COMMANDS: usize = 4;
+/// Hash commands run at once on the server, for all transfers to it. One keeps up with the
+/// copying (hashing is many times faster than SFTP) and needs only the helper shell the
+/// transfer starts at once: each further shell is a new channel, and on a server whose
+/// `~/.bashrc` runs conda or pyenv set-up for every channel, starting one costs more than
+/// the hashing it would speed up.
+const HASH_COMMANDS: usize = 1;
 /// Copy buffer: a few SFTP packets, so russh-sftp keeps its requests in flight.
 const COPY_BUFFER: usize = 1 << 20;
 
@@ -37,11 +41,16 @@ const COPY_BUFFER: usize = 1 << 20;
 #[derive(Debug, Clone)]
 pub struct SftpBackend {
     host: Arc<SshHost>,
+    /// [`HASH_COMMANDS`] permits.
+    hashing: Arc<tokio::sync::Semaphore>,
 }
 
 impl SftpBackend {
     pub fn new(host: Arc<SshHost>) -> SftpBackend {
-        SftpBackend { host }
+        SftpBackend {
+            host,
+            hashing: Arc::new(tokio::sync::Semaphore::new(HASH_COMMANDS)),
+        }
     }
 
     pub fn host(&self) -> &Arc<SshHost> {
@@ -170,7 +179,14 @@ impl SftpBackend {
             command.push(' ');
             command.push_str(&shell_quote(&remote_str(p)?));
         }
-        let out = self.host.run(&command, &[]).await.map_err(ssh_io)?;
+        let out = {
+            let _permit = self
+                .hashing
+                .acquire()
+                .await
+                .expect("the semaphore is never closed");
+            self.host.run(&command, &[]).await.map_err(ssh_io)?
+        };
         if !out.success() {
             return Err(io::Error::other(format!(
                 "hashing on {} failed (status {:?}): {}",
@@ -414,8 +430,15 @@ impl SftpBackend {
         }
     }
 
-    async fn make_dir_remote(&self, path: PathBuf) -> io::Result<()> {
+    async fn make_dir_remote(&self, path: PathBuf) -> io::Result<bool> {
         let sftp = self.host.sftp().await.map_err(ssh_io)?;
+        // The usual case, a new directory in an existing one, costs one round trip. The
+        // transfer makes parents before children, each checked by this call, so the parent
+        // of a new directory is a real directory, never a link; when the create fails the
+        // path is looked at properly below.
+        if sftp.create_dir(remote_str(&path)?).await.is_ok() {
+            return Ok(true);
+        }
         // From the deepest existing ancestor down, creating what is missing; a link or file
         // in the way is an error (writing through it could leave the root).
         let mut missing = Vec::new();
@@ -423,7 +446,12 @@ impl SftpBackend {
         loop {
             let s = remote_str(at)?;
             match sftp.symlink_metadata(s.clone()).await {
-                Ok(meta) if file_kind(&meta) == S_IFDIR => break,
+                Ok(meta) if file_kind(&meta) == S_IFDIR => {
+                    if at == path {
+                        return Ok(false);
+                    }
+                    break;
+                }
                 Ok(_) => {
                     return Err(io::Error::new(
                         ErrorKind::NotADirectory,
@@ -453,7 +481,7 @@ impl SftpBackend {
                 }
             }
         }
-        Ok(())
+        Ok(true)
     }
 
     async fn resolve_remote(&self, path: PathBuf) -> io::Result<PathBuf> {
@@ -560,7 +588,7 @@ impl TransferBackend for SftpBackend {
         }
     }
 
-    fn make_dir(&self, side: Side, path: PathBuf) -> BoxFuture<'_, io::Result<()>> {
+    fn make_dir(&self, side: Side, path: PathBuf) -> BoxFuture<'_, io::Result<bool>> {
         match side {
             Side::Local => LocalBackend.make_dir(side, path),
             Side::Remote => Box::pin(self.make_dir_remote(path)),
