@@ -84,10 +84,6 @@ fn main() {
         print_persistent("mqic", two, 2);
         let rs = rt.block_on(persistent_confirms_amqprs(&url, secs));
         print_persistent_amqprs("mqic", rs);
-        let ceiling = rt.block_on(confirms(&url, secs, 1, false));
-        println!(
-            "mqic confirmed throughput of the same load (1 publisher) to a transient queue, no disk: {ceiling:.0} msg/s (the client's ceiling)"
-        );
         (one, two, rs)
     });
     let _ = Command::new("kill").arg(child.id().to_string()).status();
@@ -209,14 +205,10 @@ async fn publish_confirmed(
 }
 
 async fn declare_durable(ch: &lapin::Channel, queue: &str) -> u32 {
-    declare(ch, queue, true).await
-}
-
-async fn declare(ch: &lapin::Channel, queue: &str, durable: bool) -> u32 {
     ch.queue_declare(
         queue.into(),
         QueueDeclareOptions {
-            durable,
+            durable: true,
             ..Default::default()
         },
         FieldTable::default(),
@@ -229,16 +221,10 @@ async fn declare(ch: &lapin::Channel, queue: &str, durable: bool) -> u32 {
 /// Confirmed persistent messages per second over `secs` (after 1 s of warm-up), from
 /// `publishers` publishers on their own connections.
 async fn persistent_confirms(url: &str, secs: u64, publishers: usize) -> f64 {
-    confirms(url, secs, publishers, true).await
-}
-
-/// [`persistent_confirms`] to a durable queue, or (`durable` false) the same load to a
-/// transient queue, which confirms without the disk: what the client can do at most.
-async fn confirms(url: &str, secs: u64, publishers: usize, durable: bool) -> f64 {
     let queue = format!("bench-persistent-{}", std::process::id());
     let setup = connect(url).await;
     let ch = setup.create_channel().await.unwrap();
-    declare(&ch, &queue, durable).await;
+    declare_durable(&ch, &queue).await;
     let stop = Arc::new(AtomicBool::new(false));
     let mut tasks = Vec::new();
     let mut conns = Vec::new();
